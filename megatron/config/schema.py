@@ -1,0 +1,192 @@
+"""The typed configuration tree.
+
+Every section is a dataclass; field types are enforced when YAML is loaded
+(`megatron.config.load`). Derived values (data-parallel size, gradient
+accumulation, padded vocab) are computed once by `megatron.config.derive` and
+stored in `Config.derived`; nothing else recomputes them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class ModelConfig:
+    """Transformer shape and architecture switches.
+
+    `arch` is informational (llama | mistral | qwen2 | gpt_neox | gpt); the
+    switches below decide the actual layout so that any mix can be expressed.
+    """
+    arch: str = "llama"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    num_kv_heads: Optional[int] = None  # None -> num_attention_heads (MHA)
+    ffn_hidden_size: Optional[int] = None  # None -> 4*hidden (gelu) or 8/3*hidden rounded to 64 (swiglu)
+    vocab_size: int = 512
+    max_seq_len: int = 256
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-5
+    activation: str = "swiglu"  # swiglu | gelu
+    rotary_pct: float = 1.0
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[Dict[str, Any]] = None  # HF-style dict, e.g. {rope_type: llama3, factor: 8, ...}
+    parallel_residual: bool = False
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    linear_bias: bool = False  # bias on attention output and MLP linears (GPT-NeoX)
+    attention: str = "auto"  # auto | flash | sdpa | eager
+    init_std: float = 0.02
+    value_head: bool = False  # scalar head for reward models (set automatically by objective rm)
+    dropout: float = 0.0
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    zero_stage: int = 0
+    sequence_parallel: bool = False
+    activation_checkpointing: bool = False
+    checkpoint_num_layers: int = 1
+    pipeline_partition: str = "parameters"  # parameters | uniform | list "a,b,c" of layer counts per stage
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    seed: int = 1234
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    log_interval: int = 1
+    eval_interval: int = 0  # 0 = no periodic eval
+    eval_iters: int = 1
+    progress_bar: bool = True
+    fp16_initial_loss_scale_power: int = 16
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_iters: int = 0
+    schedule: str = "constant"  # constant | linear | cosine
+    grad_clip: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    train_path: Optional[str] = None
+    valid_path: Optional[str] = None
+    format: str = "auto"  # auto | jsonl | json | parquet | csv | hf_disk | indexed
+    kind: str = "auto"  # auto (from the objective) | sft | pairwise | unpaired
+    tokenizer: Optional[str] = None  # HF tokenizer dir, or a .model SentencePiece file
+    chat_template: Optional[str] = None  # None = the tokenizer's own; or a name in megatron/data/templates
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    completion_field: str = "completion"
+    label_field: str = "label"
+    pack: bool = False
+    on_bad_record: str = "error"  # error | skip
+    max_prompt_len: Optional[int] = None  # None = max_seq_len // 2
+    cache_dir: Optional[str] = None  # where raw files are preprocessed to; None = <train_path dir>/.cache
+    num_workers: int = 1
+    shuffle: bool = True
+
+
+@dataclass
+class ObjectiveConfig:
+    """The objective and its own options; each objective reads the keys it knows.
+
+    Keys an objective does not use are rejected at validation time by the
+    objective's `allowed_keys` (see megatron.objectives).
+    """
+    name: str = "sft"
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # dpo: sigmoid | ipo | robust | hinge
+    label_smoothing: float = 0.0
+    reference_free: bool = False
+    nll_weight: float = 0.0
+    gamma: float = 0.5  # simpo target margin (gamma / beta ratio as in the SimPO paper's gamma)
+    margin: float = 0.0  # rm: constant margin added to per-pair margins
+    center_weight: float = 0.0  # rm: c in c * (r_c + r_r)^2
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    orpo_lambda: float = 0.1
+
+
+@dataclass
+class ReferenceConfig:
+    mode: str = "auto"  # auto (live when needed, else none) | live | precomputed | none
+    load: Optional[str] = None  # checkpoint for the live reference; None = the policy's initial weights
+    offload: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None  # directory; None = no checkpoints
+    load: Optional[str] = None  # directory (training checkpoint or converted HF weights)
+    interval: int = 0  # 0 = only at the end
+    keep_last: int = 2
+    load_optimizer: bool = True
+    save_on_sigterm: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs/default"
+    wandb_project: Optional[str] = None
+    wandb_run_name: Optional[str] = None
+    tensorboard: bool = False
+
+
+@dataclass
+class LauncherConfig:
+    type: str = "local"  # local | hostfile | slurm | openmpi | mpich
+    num_gpus: int = 1  # processes per node (CPU ranks on a machine without GPUs)
+    num_nodes: int = 1
+    hostfile: Optional[str] = None
+    master_addr: Optional[str] = None
+    master_port: int = 29500
+    include: Optional[str] = None
+    exclude: Optional[str] = None
+    extra_args: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Derived:
+    """Values computed once from the rest (megatron.config.derive)."""
+    world_size: int = 1
+    data_parallel: int = 1
+    grad_accum: int = 1
+    padded_vocab_size: int = 0
+    num_kv_heads: int = 0
+    ffn_hidden_size: int = 0
+    head_dim: int = 0
+    reference_mode: str = "none"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    deepspeed: Dict[str, Any] = field(default_factory=dict)  # extra keys passed to DeepSpeed as-is
+    derived: Derived = field(default_factory=Derived)
