@@ -86,9 +86,12 @@ class DataConfig:
     train_path: Optional[str] = None
     valid_path: Optional[str] = None
     format: str = "auto"  # auto | jsonl | json | parquet | csv | hf_disk | indexed
-    kind: str = "auto"  # auto (from the objective) | sft | pairwise | unpaired
+    kind: str = "auto"  # auto (detected from the record fields) | sft | pairwise | unpaired
     tokenizer: Optional[str] = None  # HF tokenizer dir, or a .model SentencePiece file
-    chat_template: Optional[str] = None  # None = the tokenizer's own; or a name in megatron/data/templates
+    # None: chat records use the tokenizer's own template, prompt/response strings are concatenated as is;
+    # a name in megatron/data/templates (chatml, llama3, plain), 'tokenizer' (its own template, also for
+    # string records) or a path to a .jinja file: applied to every record (strings become user/assistant turns)
+    chat_template: Optional[str] = None
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str = "messages"
@@ -96,12 +99,15 @@ class DataConfig:
     rejected_field: str = "rejected"
     completion_field: str = "completion"
     label_field: str = "label"
+    margin_field: str = "margin"  # optional per-pair margin (pairwise), batch['margin']
     pack: bool = False
-    on_bad_record: str = "error"  # error | skip
-    max_prompt_len: Optional[int] = None  # None = max_seq_len // 2
+    on_bad_record: str = "error"  # error: the first bad record raises | skip: drop (count) them, truncate long responses
+    # each sequence gets max_seq_len // (1 sft, 2 pairwise/unpaired) tokens; None = half of that
+    max_prompt_len: Optional[int] = None
     cache_dir: Optional[str] = None  # where raw files are preprocessed to; None = <train_path dir>/.cache
     num_workers: int = 1
     shuffle: bool = True
+    pad_to_max_len: bool = False  # rows always model.max_seq_len wide (fixed shapes), else the longest row
 
 
 @dataclass

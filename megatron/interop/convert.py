@@ -1,0 +1,181 @@
+"""Checkpoint conversions: Hugging Face -> ours, ours -> Hugging Face, ours -> ours with another layout.
+
+Written checkpoints follow docs/ARCHITECTURE.md (`O/latest`, `O/<tag>/{config.yaml, meta.json, weights/}`).
+A converted HF model also gets `O/model.yaml` (model + parallel sections, to combine with
+`checkpoint.load: O`), `O/tokenizer/` (tokenizer files found in the HF dir) and `O/hf/` (the original
+config.json / generation_config.json, reused on export for token ids and other non-architectural fields).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+from typing import Dict, Optional, Sequence
+
+import torch
+import yaml
+
+from megatron.config import Config, ConfigError
+from megatron.config.derive import derive_and_validate
+from megatron.config.load import _apply
+from megatron.training import weights_io as wio
+
+from .hf_config import ConversionError, architecture_of, family_for_export, hf_to_model_fields, model_to_hf_config
+from .hf_files import copy_tokenizer, load_hf_state_dict, save_hf_state_dict
+from .hf_mapping import canonical_to_hf, hf_to_canonical
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+RELEASE_TAG = "release"
+
+
+def _ckpt_root(path: str) -> str:
+    """The checkpoint dir for a checkpoint dir or a tag dir (the parent of a dir holding meta.json)."""
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return os.path.dirname(os.path.abspath(path))
+    return path
+
+
+def _resolve(cfg: Config, tp: int, pp: int) -> Config:
+    """Set the parallel layout and re-derive (world = tp * pp, one data-parallel rank)."""
+    cfg.parallel.tensor, cfg.parallel.pipeline = tp, pp
+    cfg.launcher.num_gpus, cfg.launcher.num_nodes = tp * pp, 1
+    try:
+        return derive_and_validate(cfg, world_size=tp * pp)
+    except ConfigError as exc:
+        raise ConversionError(f"the target layout tensor={tp}, pipeline={pp} is not possible: {exc}") from None
+
+
+def _check_tp(cfg: Config, tp: int) -> None:
+    m = cfg.model
+    nkv = m.num_kv_heads or m.num_attention_heads
+    if nkv % tp:
+        raise ConversionError(
+            f"cannot split num_kv_heads={nkv} key/value heads over tensor={tp} ranks: every tensor rank needs whole "
+            f"key/value heads (GQA), so --tp must divide {nkv}" + (f" (num_kv_heads {nkv} < tensor {tp})"
+                                                                   if nkv < tp else ""))
+
+
+def write_model_yaml(cfg: Config, path: str) -> None:
+    """Write the model + parallel sections of `cfg` (what a training YAML needs to start from it)."""
+    data = {"model": dataclasses.asdict(cfg.model),
+            "parallel": {"tensor": cfg.parallel.tensor, "pipeline": cfg.parallel.pipeline}}
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("# Model and layout of the converted checkpoint; use with `checkpoint.load: "
+                 f"{os.path.dirname(os.path.abspath(path))}`\n")
+        yaml.safe_dump(data, fh, sort_keys=False)
+
+
+def hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str = "fp32",
+                   blocks_per_stage: Optional[Sequence[int]] = None) -> str:
+    """Convert the transformers model in `hf_dir` into checkpoint dir `out` (tag `release`). Returns the tag dir.
+
+    `dtype` is recorded as `train.precision`; weights are stored fp32 (an exact copy of bf16/fp16 sources).
+    """
+    from transformers import AutoConfig
+
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    cfg_path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ConversionError(f"missing file: {cfg_path} (is {hf_dir} a Hugging Face model directory?)")
+    with open(cfg_path, "r", encoding="utf-8") as fh:
+        raw = json.load(fh)
+    family, value_head = architecture_of(raw)
+    hf_cfg = AutoConfig.from_pretrained(hf_dir)
+    cfg = Config()
+    _apply(cfg.model, hf_to_model_fields(hf_cfg, family, value_head), cfg_path, "model.")
+    cfg.train.precision = dtype
+    _check_tp(cfg, tp)
+    _resolve(cfg, tp, pp)
+    full = hf_to_canonical(load_hf_state_dict(hf_dir), cfg, family)
+    wio.check_keys_and_shapes(full, cfg, 1, f"converted {hf_dir}")
+    shards = wio.reshard(full, cfg, tp, pp, blocks_per_stage)
+    os.makedirs(out, exist_ok=True)
+    if copy_tokenizer(hf_dir, os.path.join(out, "tokenizer")):
+        cfg.data.tokenizer = os.path.abspath(os.path.join(out, "tokenizer"))
+    os.makedirs(os.path.join(out, "hf"), exist_ok=True)
+    for name in ("config.json", "generation_config.json"):
+        if os.path.isfile(os.path.join(hf_dir, name)):
+            shutil.copyfile(os.path.join(hf_dir, name), os.path.join(out, "hf", name))
+    bps = list(blocks_per_stage) if blocks_per_stage else wio.default_blocks_per_stage(cfg.model.num_layers, pp)
+    meta = {"step": 0, "consumed_samples": 0, "blocks_per_stage": bps, "source": os.path.abspath(hf_dir),
+            "hf_architecture": (raw.get("architectures") or [family])[0]}
+    tag_dir = wio.write_checkpoint(out, RELEASE_TAG, cfg, shards, meta)
+    write_model_yaml(cfg, os.path.join(out, "model.yaml"))
+    return tag_dir
+
+
+def _find_tokenizer(ckpt: str, cfg: Config) -> Optional[str]:
+    root = _ckpt_root(ckpt)
+    if os.path.isdir(os.path.join(root, "tokenizer")):
+        return os.path.join(root, "tokenizer")
+    tok = cfg.data.tokenizer
+    return tok if tok and os.path.exists(tok) else None
+
+
+def megatron_to_hf(ckpt: str, out: str, tag: Optional[str] = None, architecture: Optional[str] = None,
+                   dtype: str = "fp32", drop_value_bias: bool = False) -> str:
+    """Export checkpoint `ckpt` (any tensor x pipeline layout, `latest` or `tag`) as a transformers model dir.
+
+    A value-head model becomes `*ForSequenceClassification` (num_labels=1, score.weight = value_head.weight);
+    a non-zero value-head bias is an error unless `drop_value_bias`. Returns `out`.
+    """
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    full, meta, cfg = wio.read_weights(ckpt, tag)
+    family = family_for_export(cfg, architecture)
+    base = None
+    base_path = os.path.join(_ckpt_root(ckpt), "hf", "config.json")
+    if os.path.isfile(base_path):
+        with open(base_path, "r", encoding="utf-8") as fh:
+            base = json.load(fh)
+    torch_dtype = DTYPES[dtype]
+    hf_cfg = model_to_hf_config(cfg, family, cfg.model.value_head, _HF_DTYPE_NAMES[torch_dtype], base)
+    hf_sd = canonical_to_hf(full, cfg, family, torch_dtype, drop_value_bias)
+    os.makedirs(out, exist_ok=True)
+    hf_cfg.save_pretrained(out)
+    save_hf_state_dict(hf_sd, out)
+    if not cfg.model.value_head:
+        gen_path = os.path.join(_ckpt_root(ckpt), "hf", "generation_config.json")
+        if os.path.isfile(gen_path):
+            shutil.copyfile(gen_path, os.path.join(out, "generation_config.json"))
+        else:
+            from transformers import GenerationConfig
+            GenerationConfig.from_model_config(hf_cfg).save_pretrained(out)
+    tok = _find_tokenizer(ckpt, cfg)
+    if tok:
+        copy_tokenizer(tok, out)
+    return out
+
+
+def reshard_checkpoint(ckpt: str, out: str, tp: int, pp: int, tag: Optional[str] = None,
+                       blocks_per_stage: Optional[Sequence[int]] = None) -> str:
+    """Rewrite the weights of `ckpt` for tensor=`tp`, pipeline=`pp` into `out` (same tag, config updated).
+
+    Optimizer/engine state is not carried over. Returns the new tag dir.
+    """
+    tag_dir = wio.resolve_tag_dir(ckpt, tag)
+    full, meta, cfg = wio.read_weights(tag_dir)
+    cfg = copy.deepcopy(cfg)
+    _check_tp(cfg, tp)
+    _resolve(cfg, tp, pp)
+    shards = wio.reshard(full, cfg, tp, pp, blocks_per_stage)
+    root = _ckpt_root(tag_dir)
+    os.makedirs(out, exist_ok=True)
+    for sub in ("tokenizer", "hf"):
+        src = os.path.join(root, sub)
+        if os.path.isdir(src) and os.path.abspath(src) != os.path.abspath(os.path.join(out, sub)):
+            shutil.copytree(src, os.path.join(out, sub), dirs_exist_ok=True)
+            if sub == "tokenizer" and cfg.data.tokenizer and os.path.abspath(cfg.data.tokenizer) == os.path.abspath(src):
+                cfg.data.tokenizer = os.path.abspath(os.path.join(out, sub))
+    new_meta = {k: v for k, v in meta.items() if k not in ("tensor", "pipeline", "blocks_per_stage", "format")}
+    new_meta["blocks_per_stage"] = list(blocks_per_stage) if blocks_per_stage else \
+        wio.default_blocks_per_stage(cfg.model.num_layers, pp)
+    new_meta["resharded_from"] = {"tensor": meta["tensor"], "pipeline": meta["pipeline"]}
+    new_dir = wio.write_checkpoint(out, os.path.basename(os.path.normpath(tag_dir)), cfg, shards, new_meta)
+    if os.path.isfile(os.path.join(root, "model.yaml")) or os.path.isdir(os.path.join(root, "hf")):
+        write_model_yaml(cfg, os.path.join(out, "model.yaml"))
+    return new_dir

@@ -1,0 +1,75 @@
+"""The unpipelined decoder-only model: the stage modules of `stages.py` chained in one nn.Module."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron.mpu import ParallelState
+
+from .stages import (BlockStage, EmbeddingStage, FinalNormStage, Hidden, LMHeadStage, ValueHeadStage,
+                     tied_lm_head_forward)
+
+
+def activation_checkpoint_func(function, *args):
+    """Non-reentrant activation checkpointing (torch.utils.checkpoint, use_reentrant=False); usable as
+    DeepSpeed PipelineModule's `activation_checkpoint_func`. Recomputes `function(*args)` in backward."""
+    return checkpoint(function, *args, use_reentrant=False)
+
+
+def _run_blocks(blocks: List[BlockStage]):
+    def run(h: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor) -> Hidden:
+        x = (h, position_ids, segment_ids)
+        for block in blocks:
+            x = block(x)
+        return x
+    return run
+
+
+class GPTModel(nn.Module):
+    """Decoder-only transformer (Llama / GPT-NeoX / Qwen2 families, by config switches).
+
+    Attributes, in build (and therefore initialisation) order: `embedding` (EmbeddingStage), `blocks`
+    (nn.ModuleList of BlockStage), `final_norm` (FinalNormStage), then `lm_head` (LMHeadStage; absent with
+    cfg.model.tie_embeddings) or `value_head` (ValueHeadStage, with cfg.model.value_head). `state_dict()`
+    keys are exactly the canonical names of docs/ARCHITECTURE.md. Built after the same torch.manual_seed,
+    the model is the same at any tensor-parallel size (each rank holding its shards).
+
+    forward(input_ids [B, S] long, position_ids [B, S] long, segment_ids [B, S] long)
+      -> logits shard [B, S, padded_vocab/tp] (vocab-parallel, not gathered), or values [B, S] fp32.
+    With cfg.parallel.activation_checkpointing, every cfg.parallel.checkpoint_num_layers consecutive blocks form
+    one checkpointed chunk (recomputed in backward) while the model is in training mode.
+    """
+
+    def __init__(self, cfg, ps: ParallelState):
+        super().__init__()
+        m, p = cfg.model, cfg.parallel
+        self.tie_embeddings = m.tie_embeddings and not m.value_head
+        self.checkpoint_chunk = p.checkpoint_num_layers if p.activation_checkpointing else 0
+        self.embedding = EmbeddingStage(cfg, ps)
+        self.blocks = nn.ModuleList(BlockStage(cfg, ps) for _ in range(m.num_layers))
+        self.final_norm = FinalNormStage(cfg, ps)
+        if m.value_head:
+            self.value_head = ValueHeadStage(cfg, ps)
+        elif not self.tie_embeddings:
+            self.lm_head = LMHeadStage(cfg, ps)
+
+    def head(self, x: Hidden) -> torch.Tensor:
+        """(h, pos, seg) after the final norm -> logits shard [B, S, Vp/tp] or values [B, S]."""
+        if hasattr(self, "value_head"):
+            return self.value_head(x)
+        if self.tie_embeddings:
+            return tied_lm_head_forward(self.embedding, x)
+        return self.lm_head(x)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+        """[B, S] ids, positions, segments -> logits shard [B, S, Vp/tp] (or values [B, S] fp32)."""
+        x = self.embedding((input_ids, position_ids, segment_ids))
+        step = self.checkpoint_chunk if (self.checkpoint_chunk and self.training) else len(self.blocks)
+        blocks = list(self.blocks)
+        for start in range(0, len(blocks), max(step, 1)):
+            run = _run_blocks(blocks[start:start + step])
+            x = activation_checkpoint_func(run, *x) if self.checkpoint_chunk and self.training else run(*x)
+        return self.head(self.final_norm(x))

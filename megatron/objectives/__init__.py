@@ -1,0 +1,23 @@
+"""Loss registry: sft, rm (reward model), dpo (sigmoid/ipo/robust/hinge, RPO), simpo, orpo, kto.
+
+Importing this package registers every objective. The training loop builds one with
+`build_objective(cfg, ps)`, reduces the model's per-token outputs with `sequence_stats` (and
+`precomputed_reference` for reference.mode=precomputed) and calls `objective.loss(policy, reference, batch)`.
+"""
+from .registry import build_objective, get_objective_class, register_objective, registered_objectives
+from .stats import SequenceStats, num_sequences, precomputed_reference, sequence_stats, token_counts
+from .base import Objective
+from . import sft, reward, dpo, simpo, orpo, kto  # noqa: F401  (registers the objectives)
+from .sft import SFTObjective
+from .reward import RewardModelObjective
+from .dpo import DPO_LOSS_TYPES, DPOObjective, dpo_losses
+from .simpo import SimPOObjective
+from .orpo import ORPOObjective
+from .kto import KTOObjective, kto_class_weight_warning
+
+__all__ = [
+    "build_objective", "get_objective_class", "register_objective", "registered_objectives",
+    "SequenceStats", "num_sequences", "precomputed_reference", "sequence_stats", "token_counts",
+    "Objective", "SFTObjective", "RewardModelObjective", "DPOObjective", "DPO_LOSS_TYPES", "dpo_losses",
+    "SimPOObjective", "ORPOObjective", "KTOObjective", "kto_class_weight_warning",
+]

@@ -1,0 +1,233 @@
+"""Atomic, resumable checkpoints (layout in docs/ARCHITECTURE.md).
+
+A save writes everything under `D/<tag>.tmp/`, renames it to `D/<tag>/` when complete and only then
+replaces `D/latest` (itself written to a temporary file and renamed). A run killed at any point during a
+save therefore resumes from the previous complete checkpoint; a stale `.tmp` directory is ignored and
+overwritten by the next save.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron.config import Config, ConfigError, dump_config, load_dumped_config
+
+LATEST = "latest"
+FORMAT_VERSION = 1
+# Model keys whose values must agree between a checkpoint and the run that loads it.
+SHAPE_KEYS = ("hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "ffn_hidden_size",
+              "vocab_size", "norm", "activation", "qkv_bias", "linear_bias", "tie_embeddings",
+              "parallel_residual", "rotary_pct")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the path and what to do."""
+
+
+def tag_for_step(step: int) -> str:
+    """Directory name of the checkpoint taken after `step` optimizer steps."""
+    return f"step_{step:07d}"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = path + ".writing"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> Dict[str, Any]:
+    """Every RNG this process uses (python, numpy, torch CPU and CUDA)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@dataclass
+class TrainState:
+    """Where training stands: optimizer steps done and samples consumed (global count)."""
+    step: int = 0
+    consumed_samples: int = 0
+
+
+def read_latest(ckpt_dir: str) -> str:
+    """The tag directory `D/latest` points to, with clear errors for a missing or corrupt pointer."""
+    pointer = os.path.join(ckpt_dir, LATEST)
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"checkpoint directory not found: {ckpt_dir} (key checkpoint.load)")
+    tags = sorted(d for d in os.listdir(ckpt_dir)
+                  if os.path.isdir(os.path.join(ckpt_dir, d)) and not d.endswith(".tmp"))
+    if not os.path.exists(pointer):
+        raise CheckpointError(f"{pointer} is missing: {ckpt_dir} holds no complete checkpoint"
+                              + (f" (tag directories found: {', '.join(tags)}; write one of them into "
+                                 f"{pointer} to use it)" if tags else ""))
+    with open(pointer, "r", encoding="utf-8", errors="replace") as fh:
+        tag = fh.read().strip()
+    tag_dir = os.path.join(ckpt_dir, tag)
+    if not tag or "/" in tag or not os.path.isdir(tag_dir) or not os.path.exists(os.path.join(tag_dir, "meta.json")):
+        raise CheckpointError(
+            f"{pointer} is corrupt: it contains {tag[:80]!r}, which is not a complete checkpoint in {ckpt_dir}. "
+            f"Complete tags there: {', '.join(tags) or 'none'}; write the tag to resume from into {pointer}")
+    return tag_dir
+
+
+def find_resume_dir(cfg: Config) -> Optional[str]:
+    """Tag directory to start from: `checkpoint.load`, else an existing `checkpoint.save` (auto-resume)."""
+    if cfg.checkpoint.load:
+        path = cfg.checkpoint.load
+        if os.path.exists(os.path.join(path, "meta.json")):
+            return path  # a tag directory given directly
+        return read_latest(path)
+    if cfg.checkpoint.save and os.path.exists(os.path.join(cfg.checkpoint.save, LATEST)):
+        return read_latest(cfg.checkpoint.save)
+    return None
+
+
+def read_meta(tag_dir: str) -> Dict[str, Any]:
+    """meta.json of a checkpoint tag, with a clear error when it is unreadable."""
+    path = os.path.join(tag_dir, "meta.json")
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is unreadable ({exc}); the checkpoint is incomplete or corrupt") from None
+
+
+def check_compatible(tag_dir: str, cfg: Config) -> None:
+    """Refuse a checkpoint whose model shape differs from the configured model, naming each key."""
+    path = os.path.join(tag_dir, "config.yaml")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} is missing; cannot verify the checkpoint's model shape")
+    saved = load_dumped_config(path)
+    diffs = []
+    for key in SHAPE_KEYS:
+        a, b = getattr(saved.model, key), getattr(cfg.model, key)
+        if key in ("num_kv_heads", "ffn_hidden_size"):
+            a, b = getattr(saved.derived, key) or a, getattr(cfg.derived, key) or b
+        if a != b:
+            diffs.append(f"model.{key}: checkpoint {a!r} vs config {b!r}")
+    if saved.model.value_head != cfg.model.value_head:
+        diffs.append(f"model.value_head: checkpoint {saved.model.value_head!r} vs config {cfg.model.value_head!r}")
+    if diffs:
+        raise CheckpointError(f"checkpoint {tag_dir} was saved from a different model shape:\n  "
+                              + "\n  ".join(diffs) + "\nfix the model section of your config to match it")
+
+
+def canonical_state_dict(module: torch.nn.Module, zero_stage: int) -> Dict[str, torch.Tensor]:
+    """This rank's canonical fp32 state dict, gathering ZeRO-3 partitions (collective over the DP group)."""
+    if zero_stage == 3:
+        import deepspeed
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().float().clone().cpu() for k, v in module.state_dict().items()}
+    return {k: v.detach().float().clone().cpu() for k, v in module.state_dict().items()}
+
+
+def weights_file(tag_dir: str, tp_rank: int, pp_rank: int) -> str:
+    """Path of the weight shard of tensor rank `tp_rank` and pipeline stage `pp_rank`."""
+    return os.path.join(tag_dir, "weights", f"tp{tp_rank:02d}_pp{pp_rank:02d}.pt")
+
+
+def save_checkpoint(cfg: Config, ps, engine, state: TrainState,
+                    weights_fn: Callable[[], Dict[str, torch.Tensor]],
+                    extra_meta: Optional[Dict[str, Any]] = None,
+                    before_commit: Optional[Callable[[], None]] = None) -> str:
+    """Collective save of everything needed to resume exactly. Returns the final tag directory.
+
+    weights_fn: returns this rank's canonical state dict (may be collective, e.g. ZeRO-3 gather).
+    before_commit: called on every rank just before the rename (tests use it to simulate a crash).
+    """
+    root = cfg.checkpoint.save
+    tag = tag_for_step(state.step)
+    final, tmp = os.path.join(root, tag), os.path.join(root, tag + ".tmp")
+    if ps.rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "weights"))
+        os.makedirs(os.path.join(tmp, "client"))
+    _barrier()
+    engine.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
+    weights = weights_fn()
+    if ps.dp_rank == 0:
+        torch.save(weights, weights_file(tmp, ps.tp_rank, ps.pp_rank))
+    torch.save({"rng": rng_state()}, os.path.join(tmp, "client", f"rank{ps.rank:05d}.pt"))
+    _barrier()
+    if before_commit is not None:
+        before_commit()
+    if ps.rank == 0:
+        dump_config(cfg, os.path.join(tmp, "config.yaml"))
+        meta = {"format": FORMAT_VERSION, "step": state.step, "consumed_samples": state.consumed_samples,
+                "tensor": ps.tp_size, "pipeline": ps.pp_size, "data_parallel": ps.dp_size,
+                "world_size": ps.world_size, **(extra_meta or {})}
+        _atomic_write(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _atomic_write(os.path.join(root, LATEST), tag)
+        _prune(root, cfg.checkpoint.keep_last, keep=tag)
+    _barrier()
+    return final
+
+
+def _prune(root: str, keep_last: int, keep: str) -> None:
+    if keep_last <= 0:
+        return
+    tags = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")
+                  and os.path.isdir(os.path.join(root, d)))
+    for old in tags[:-keep_last]:
+        if old != keep:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+
+
+def load_training_state(tag_dir: str, cfg: Config, ps, engine) -> TrainState:
+    """Restore engine (model, optimizer, scheduler), RNG and position from a full training checkpoint."""
+    meta = read_meta(tag_dir)
+    if (meta.get("tensor"), meta.get("pipeline")) != (ps.tp_size, ps.pp_size):
+        raise CheckpointError(
+            f"{tag_dir} was saved at tensor={meta.get('tensor')} pipeline={meta.get('pipeline')} but this run "
+            f"uses tensor={ps.tp_size} pipeline={ps.pp_size}; resume at the saved layout, or set "
+            "checkpoint.load_optimizer=false to load only the weights (re-sharded)")
+    load_path, _ = engine.load_checkpoint(tag_dir, tag="deepspeed",
+                                          load_optimizer_states=cfg.checkpoint.load_optimizer,
+                                          load_lr_scheduler_states=cfg.checkpoint.load_optimizer)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load {os.path.join(tag_dir, 'deepspeed')}; the checkpoint is "
+                              "incomplete")
+    client = os.path.join(tag_dir, "client", f"rank{ps.rank:05d}.pt")
+    if os.path.exists(client) and meta.get("world_size") == ps.world_size:
+        set_rng_state(torch.load(client, weights_only=False)["rng"])
+    return TrainState(step=int(meta["step"]), consumed_samples=int(meta["consumed_samples"]))
+
+
+def has_training_state(tag_dir: str) -> bool:
+    """True when the tag holds DeepSpeed engine state (a training checkpoint, not converted weights)."""
+    return os.path.isdir(os.path.join(tag_dir, "deepspeed"))
+
+
+def list_tags(root: str) -> List[str]:
+    """Complete checkpoint tags under `root`, oldest first."""
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.endswith(".tmp"))

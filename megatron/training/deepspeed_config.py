@@ -1,0 +1,48 @@
+"""Derive DeepSpeed's JSON config from ours (one source of truth; `deepspeed:` passes extra keys)."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict
+
+from megatron.config import Config
+
+
+def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_deepspeed_config(cfg: Config, use_torch_adam: bool, with_optimizer: bool = True) -> Dict[str, Any]:
+    """DeepSpeed config dict for the policy engine (or, with `with_optimizer=False`, a frozen reference).
+
+    Batch sizes come from `cfg.derived` (micro batch per rank, accumulation steps); ZeRO stage, precision
+    and clipping from `cfg.parallel`/`cfg.train`/`cfg.optimizer`; `cfg.deepspeed` is merged last.
+    """
+    t, o = cfg.train, cfg.optimizer
+    ds: Dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": cfg.derived.grad_accum,
+        "train_batch_size": t.micro_batch_size * cfg.derived.grad_accum * cfg.derived.data_parallel,
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,
+    }
+    if cfg.parallel.zero_stage == 3:
+        ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0,
+                                         "stage3_gather_16bit_weights_on_model_save": False})
+    if t.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": t.fp16_initial_loss_scale_power,
+                      "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    if with_optimizer:
+        ds["gradient_clipping"] = o.grad_clip
+        ds["optimizer"] = {"type": "AdamW", "params": {
+            "lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay,
+            "torch_adam": use_torch_adam, "adam_w_mode": True}}
+    else:
+        ds.pop("gradient_clipping", None)
+    return _merge(ds, cfg.deepspeed)

@@ -1,0 +1,288 @@
+"""The generic train/eval loop. It knows objectives only through the registry interface
+(`batch_kind`, `uses_value_head`, `loss(policy, reference, batch)`): it never branches on a method name."""
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.config import Config, ConfigError
+from megatron.mpu import initialize_parallel
+from megatron.model import GPTModel
+from megatron.objectives import build_objective, get_objective_class, precomputed_reference
+
+from . import checkpointing as ckpt
+from .deepspeed_config import build_deepspeed_config
+from .distributed import init_distributed
+from .forward import batch_to, forward_stats, reference_stats
+from .metrics import MetricsLogger
+from .schedules import lambda_lr_factory
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or preempted) run reports back: the steps done and every logged metrics row."""
+    step: int
+    history: List[Dict[str, float]] = field(default_factory=list)
+    stopped_by_signal: bool = False
+
+
+@dataclass
+class Hooks:
+    """Test seams: `before_commit(step)` runs on every rank just before a checkpoint becomes visible."""
+    before_commit: Optional[Callable[[int], None]] = None
+
+
+def device_for_rank() -> torch.device:
+    """This rank's accelerator, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """AdamW groups: decay on matrices, none on biases, norms and other vectors (common LLM practice)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_policy(cfg: Config, ps, init_dir: Optional[str]) -> torch.nn.Module:
+    """The model with its starting weights: seeded random init, or the weights in `init_dir`."""
+    torch.manual_seed(cfg.train.seed)
+    model = GPTModel(cfg, ps)
+    if init_dir is not None:
+        load_weights_into(model, init_dir, cfg, ps)
+    return model
+
+
+def load_weights_into(model: torch.nn.Module, tag_dir: str, cfg: Config, ps) -> None:
+    """Load canonical weights from any tensor/pipeline layout, re-sharded to this rank's layout."""
+    from .weights_io import read_weights, split_tp
+
+    full, _meta, _saved_cfg = read_weights(tag_dir)
+    own = model.state_dict()
+    shard = split_tp(full, cfg, ps.tp_size)[ps.tp_rank]
+    missing = sorted(set(own) - set(shard))
+    if missing:
+        raise ckpt.CheckpointError(f"{tag_dir} lacks weights for: {', '.join(missing[:8])}"
+                                   + (" ..." if len(missing) > 8 else ""))
+    for key, value in own.items():
+        if shard[key].shape != value.shape:
+            raise ckpt.CheckpointError(f"{tag_dir}: tensor '{key}' has shape {tuple(shard[key].shape)} in the "
+                                       f"checkpoint but {tuple(value.shape)} in the model")
+    model.load_state_dict({k: shard[k] for k in own}, strict=True)
+
+
+def build_reference(cfg: Config, ps, policy_init: torch.nn.Module, device, ds_module) -> Optional[torch.nn.Module]:
+    """The frozen reference policy for `reference.mode == live` (None otherwise).
+
+    Sharded like the policy: the same tensor layout, and ZeRO-3 partitioned (inference-only DeepSpeed
+    engine, no optimizer state) when the policy is.
+    """
+    if cfg.derived.reference_mode != "live":
+        return None
+    ref = copy.deepcopy(policy_init)
+    if cfg.reference.load:
+        load_weights_into(ref, ckpt.read_latest(cfg.reference.load)
+                          if not os.path.exists(os.path.join(cfg.reference.load, "meta.json"))
+                          else cfg.reference.load, cfg, ps)
+    ref.requires_grad_(False)
+    ref.eval()
+    if cfg.parallel.zero_stage == 3:
+        ds_cfg = build_deepspeed_config(cfg, use_torch_adam=True, with_optimizer=False)
+        engine, *_ = ds_module.initialize(model=ref, config=ds_cfg, mpu=ps)
+        engine.eval()
+        return engine
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+    return ref.to(device=device, dtype=dtype)
+
+
+class _StopFlag:
+    """Set by SIGTERM (Slurm preemption); checked after every step and agreed on by all ranks."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def agreed(self, device) -> bool:
+        flag = torch.tensor([1.0 if self.raised else 0.0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _mean_over_dp(values: Dict[str, float], ps, device) -> Dict[str, float]:
+    if not values:
+        return {}
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    if ps.dp_size > 1:
+        dist.all_reduce(t, group=ps.dp_group)
+        t /= ps.dp_size
+    return dict(zip(keys, t.tolist()))
+
+
+def _step_micro_batches(engine, ref_model, objective, batches, ps, cfg, device, train: bool):
+    """Forward (and backward when `train`) over the micro-batches of one step; returns averaged metrics."""
+    sums: Dict[str, float] = {}
+    tokens = 0
+    value_head = cfg.model.value_head
+    for batch in batches:
+        batch = batch_to(batch, device)
+        tokens += int((batch["segment_ids"] > 0).sum())
+        with torch.set_grad_enabled(train):
+            policy = forward_stats(engine, batch, ps, value_head)
+            if "ref_logps" in batch and cfg.derived.reference_mode == "precomputed":
+                reference = precomputed_reference(batch)
+            else:
+                reference = reference_stats(ref_model, batch, ps, value_head)
+            loss, metrics = objective.loss(policy, reference, batch)
+        if train:
+            engine.backward(loss)
+            engine.step()
+        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    n = max(1, len(batches))
+    return {k: v / n for k, v in sums.items()}, tokens
+
+
+def run_training(cfg: Config, hooks: Optional[Hooks] = None) -> TrainResult:
+    """Train `cfg` (already validated, `cfg.derived` filled) on the current process group.
+
+    Works on 1..N ranks; the caller (train.py, or a test that spawned ranks) owns process start-up.
+    """
+    import deepspeed
+    from megatron.data import build_data_iterator, load_tokenizer
+
+    hooks = hooks or Hooks()
+    init_distributed(cfg.parallel.backend)
+    ps = initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
+    if ps.world_size != cfg.derived.world_size:
+        raise ConfigError(f"the config was validated for world size {cfg.derived.world_size} but "
+                          f"{ps.world_size} ranks started; launch with launcher.num_gpus * launcher.num_nodes = "
+                          f"{cfg.derived.world_size} or re-validate")
+    device = device_for_rank()
+    objective_cls = get_objective_class(cfg.objective.name)
+    if objective_cls.uses_value_head and not cfg.model.value_head:
+        cfg.model.value_head = True
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tok_vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
+    if tok_vocab > cfg.derived.padded_vocab_size:
+        raise ConfigError(f"tokenizer {cfg.data.tokenizer} has {tok_vocab} tokens but model.vocab_size is "
+                          f"{cfg.model.vocab_size} (padded {cfg.derived.padded_vocab_size}); wrong tokenizer, "
+                          f"or set model.vocab_size >= {tok_vocab}")
+
+    resume_dir = ckpt.find_resume_dir(cfg)
+    full_resume = resume_dir is not None and ckpt.has_training_state(resume_dir) and cfg.checkpoint.load_optimizer
+    if resume_dir is not None:
+        ckpt.check_compatible(resume_dir, cfg)
+    # Where the run's initial weights came from; a resumed run rebuilds its reference from the same place.
+    if full_resume:
+        init_from = ckpt.read_meta(resume_dir).get("init_from")
+    else:
+        init_from = resume_dir
+    model = build_policy(cfg, ps, init_from)
+    ref_model = build_reference(cfg, ps, model, device, deepspeed)
+
+    total_iters = cfg.train.iters
+    ds_cfg = build_deepspeed_config(cfg, use_torch_adam=not torch.cuda.is_available())
+    engine, _opt, _, _sched = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.optimizer.weight_decay), config=ds_cfg,
+        lr_scheduler=lambda_lr_factory(cfg.optimizer, total_iters), mpu=ps)
+
+    state = ckpt.TrainState()
+    if full_resume:
+        state = ckpt.load_training_state(resume_dir, cfg, ps, engine)
+
+    barrier = (lambda: dist.barrier()) if dist.is_initialized() else (lambda: None)
+    train_iter = build_data_iterator(cfg, ps.dp_rank, ps.dp_size, tokenizer, consumed_samples=state.consumed_samples,
+                                     split="train", is_builder=ps.rank == 0, barrier=barrier)
+    valid_iter = None
+    if cfg.train.eval_interval > 0 and cfg.data.valid_path:
+        valid_iter = build_data_iterator(cfg, ps.dp_rank, ps.dp_size, tokenizer, consumed_samples=0,
+                                         split="valid", is_builder=ps.rank == 0, barrier=barrier)
+    objective = build_objective(cfg, ps)
+    logger = MetricsLogger(cfg, enabled=ps.rank == 0, start_step=state.step)
+    stop = _StopFlag() if cfg.checkpoint.save_on_sigterm else None
+    result = TrainResult(step=state.step)
+
+    def save() -> None:
+        if not cfg.checkpoint.save:
+            return
+        commit = (lambda: hooks.before_commit(state.step)) if hooks.before_commit else None
+        ckpt.save_checkpoint(cfg, ps, engine, state,
+                             weights_fn=lambda: ckpt.canonical_state_dict(engine.module, cfg.parallel.zero_stage),
+                             extra_meta={"init_from": init_from}, before_commit=commit)
+        logger.message(f"saved checkpoint step {state.step} to {cfg.checkpoint.save}")
+
+    engine.train()
+    last_saved = state.step
+    try:
+        while state.step < total_iters:
+            t0 = time.perf_counter()
+            batches = [next(train_iter) for _ in range(cfg.derived.grad_accum)]
+            metrics, tokens = _step_micro_batches(engine, ref_model, objective, batches, ps, cfg, device, True)
+            state.step += 1
+            state.consumed_samples += cfg.train.global_batch_size
+            grad_norm = engine.get_global_grad_norm()
+            metrics = _mean_over_dp(metrics, ps, device)
+            tok = torch.tensor([float(tokens)], device=device)
+            if ps.dp_size > 1:
+                dist.all_reduce(tok, group=ps.dp_group)
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            metrics.update(lr=engine.get_lr()[0],
+                           grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                           tokens_per_s=float(tok.item()) / elapsed,
+                           samples_per_s=cfg.train.global_batch_size / elapsed)
+            if state.step % cfg.train.log_interval == 0 or state.step == total_iters:
+                logger.log(state.step, metrics)
+                result.history.append({"step": state.step, **metrics})
+            logger.advance()
+            if valid_iter is not None and state.step % cfg.train.eval_interval == 0:
+                ev = evaluate(engine, ref_model, objective, valid_iter, ps, cfg, device)
+                logger.log(state.step, ev)
+                result.history.append({"step": state.step, **ev})
+            if cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0:
+                save()
+                last_saved = state.step
+            if stop is not None and stop.agreed(device):
+                logger.message(f"SIGTERM received: saving at step {state.step} and exiting")
+                result.stopped_by_signal = True
+                break
+        if state.step != last_saved:
+            save()
+    finally:
+        if stop is not None:
+            stop.restore()
+        logger.close()
+    result.step = state.step
+    return result
+
+
+@torch.no_grad()
+def evaluate(engine, ref_model, objective, valid_iter, ps, cfg: Config, device) -> Dict[str, float]:
+    """Mean objective metrics over `train.eval_iters` validation micro-batches, keys prefixed `eval/`."""
+    engine.eval()
+    batches = [next(valid_iter) for _ in range(cfg.train.eval_iters)]
+    metrics, _ = _step_micro_batches(engine, ref_model, objective, batches, ps, cfg, device, train=False)
+    engine.train()
+    return {f"eval/{k}": v for k, v in _mean_over_dp(metrics, ps, device).items()}

@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""Export a checkpoint of ours (any tensor x pipeline layout, any step) as a Hugging Face model directory.
+
+    python tools/ckpts/convert_megatron_to_hf.py --ckpt O [--tag T] --out D [--architecture llama] [--dtype bf16]
+
+Reward models (model.value_head) export as *ForSequenceClassification with num_labels=1. Hugging Face's
+score layer has no bias: a non-zero value-head bias is an error unless --drop-value-bias is given.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bootstrap import add_repo_root  # noqa: E402
+
+add_repo_root()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """CLI entry point; returns the process exit code (errors are printed, not raised)."""
+    from megatron.config import ConfigError
+    from megatron.interop.convert import DTYPES, megatron_to_hf
+    from megatron.interop.hf_config import FAMILIES, ConversionError
+    from megatron.training.weights_io import CheckpointError
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="checkpoint dir (follows `latest`) or a tag dir")
+    ap.add_argument("--tag", default=None, help="tag to export instead of `latest` (e.g. a step dir)")
+    ap.add_argument("--out", required=True, help="output Hugging Face model dir")
+    ap.add_argument("--architecture", choices=FAMILIES, default=None,
+                    help="export family (default: model.arch of the checkpoint)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")
+    ap.add_argument("--drop-value-bias", action="store_true",
+                    help="export a reward model whose value-head bias is non-zero, dropping the bias")
+    args = ap.parse_args(argv)
+    try:
+        out = megatron_to_hf(args.ckpt, args.out, args.tag, args.architecture, args.dtype, args.drop_value_bias)
+    except (ConversionError, ConfigError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Re-shard a checkpoint to another tensor x pipeline layout (weights and config only, no optimizer state).
+
+    python tools/ckpts/reshard.py --ckpt O --out O2 --tp 2 --pp 2 [--tag T] [--blocks-per-stage 3,2]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bootstrap import add_repo_root  # noqa: E402
+
+add_repo_root()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """CLI entry point; returns the process exit code (errors are printed, not raised)."""
+    from megatron.config import ConfigError
+    from megatron.interop.convert import reshard_checkpoint
+    from megatron.interop.hf_config import ConversionError
+    from megatron.training.weights_io import CheckpointError
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="source checkpoint dir (follows `latest`) or a tag dir")
+    ap.add_argument("--tag", default=None, help="source tag instead of `latest`")
+    ap.add_argument("--out", required=True, help="output checkpoint dir")
+    ap.add_argument("--tp", type=int, required=True, help="new tensor-parallel size")
+    ap.add_argument("--pp", type=int, required=True, help="new pipeline-parallel size")
+    ap.add_argument("--blocks-per-stage", default=None,
+                    help="comma-separated block counts per stage (default: uniform, remainder first)")
+    args = ap.parse_args(argv)
+    bps = None
+    if args.blocks_per_stage:
+        try:
+            bps = [int(x) for x in args.blocks_per_stage.split(",")]
+        except ValueError:
+            ap.error(f"--blocks-per-stage {args.blocks_per_stage!r}: expected integers like 3,2")
+    try:
+        tag_dir = reshard_checkpoint(args.ckpt, args.out, args.tp, args.pp, args.tag, bps)
+    except (ConversionError, ConfigError, CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {tag_dir} (tensor={args.tp}, pipeline={args.pp})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
