@@ -68,7 +68,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         for s in _chunks(flat.shape[0], ctx.chunk_size):
             probs = (flat[s].float() - logit_max[s, None]).exp_().div_(sum_exp[s, None])
             rows = torch.arange(probs.shape[0], device=probs.device)
-            probs[rows, local_tgt[s]] -= 1.0
+            probs[rows, local_tgt[s]] -= in_range[s].float()
             grad[s] = probs.mul_(g[s, None]).to(grad.dtype)
         return grad.view(logits.shape), None, None, None, None
 

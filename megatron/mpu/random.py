@@ -64,7 +64,10 @@ class RNGTracker:
             raise ValueError(f"seed {seed} is already used by another RNG state")
         original = _capture()
         try:
-            torch.manual_seed(seed)  # seeds the CPU generator and every CUDA device
+            # Only the generators we track: torch.manual_seed would also reseed every other CUDA device.
+            torch.default_generator.manual_seed(seed)
+            if _cuda_on():
+                torch.cuda.manual_seed(seed)
             self._states[name] = _capture()
             self._seeds[name] = seed
         finally:
