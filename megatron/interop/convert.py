@@ -88,6 +88,8 @@ def hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str =
     cfg = Config()
     _apply(cfg.model, hf_to_model_fields(hf_cfg, family, value_head), cfg_path, "model.")
     cfg.train.precision = dtype
+    if cfg.model.value_head:
+        cfg.objective.name = "rm"  # the objective that trains a value head (config validation requires it)
     _check_tp(cfg, tp)
     _resolve(cfg, tp, pp)
     full = hf_to_canonical(load_hf_state_dict(hf_dir), cfg, family)

@@ -40,7 +40,18 @@ def _master_shard(shape: tuple, init_method: Optional[InitMethod], rank: int, si
     master = torch.empty(shape, dtype=torch.float32)
     (init_method or normal_init())(master)
     shard = shard_tensor(master, rank, size, dim=dim, chunks=chunks)
-    return nn.Parameter(shard.to(device=device, dtype=dtype or torch.float32))
+    return mark_tensor_parallel(nn.Parameter(shard.to(device=device, dtype=dtype or torch.float32)))
+
+
+def mark_tensor_parallel(param: nn.Parameter) -> nn.Parameter:
+    """Flag a parameter that is split across the TP group (each rank holds a different slice).
+
+    DeepSpeed's gradient-norm code (`is_model_parallel_parameter`) counts flagged parameters on every
+    TP rank and unflagged (replicated) ones only on model-parallel rank 0, so the global norm, and
+    therefore gradient clipping, is the same as on one rank.
+    """
+    param.tensor_model_parallel = True
+    return param
 
 
 class ColumnParallelLinear(nn.Module):
@@ -72,8 +83,9 @@ class ColumnParallelLinear(nn.Module):
         self.weight = _master_shard((out_features, in_features), init_method, ps.tp_rank, ps.tp_size, 0,
                                     self.chunks, device, dtype)
         if bias:
-            self.bias = nn.Parameter(shard_tensor(torch.zeros(out_features), ps.tp_rank, ps.tp_size, 0,
-                                                  self.chunks).to(device=device, dtype=dtype or torch.float32))
+            self.bias = mark_tensor_parallel(nn.Parameter(shard_tensor(
+                torch.zeros(out_features), ps.tp_rank, ps.tp_size, 0, self.chunks).to(
+                device=device, dtype=dtype or torch.float32)))
         else:
             self.register_parameter("bias", None)
 

@@ -6,7 +6,8 @@ back-propagate, `metrics` maps names to detached 0-dim tensors. The training loo
 attributes and methods below and never branches on the objective's name.
 
 Conventions shared by all objectives: log-probs are in nats; `logps/chosen` and `logps/rejected` are the
-means of the policy's summed log-probs; every objective reports its loss as metric `loss`.
+means of the policy's summed log-probs. Metrics never include `loss`: the loop records the returned loss
+itself (a `loss` metric would be counted twice).
 """
 from __future__ import annotations
 
@@ -170,7 +171,7 @@ def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     return {
         "rewards/chosen": safe_mean(cr),
         "rewards/rejected": safe_mean(rr),
-        "rewards/accuracy": safe_mean((cr >= rr).to(cr.dtype)),
+        "rewards/accuracy": safe_mean((cr > rr).to(cr.dtype)),
         "rewards/margin": safe_mean(cr - rr),
         "logps/chosen": safe_mean(policy.logp_sum[chosen].detach()),
         "logps/rejected": safe_mean(policy.logp_sum[rejected].detach()),

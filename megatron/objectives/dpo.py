@@ -61,7 +61,7 @@ def dpo_losses(h: torch.Tensor, beta: float, loss_type: str, label_smoothing: fl
 class DPOObjective(Objective):
     """DPO family (sigmoid | ipo | robust | hinge), optional reference-free and RPO NLL term.
 
-    Metrics: loss, rewards/chosen (mean beta*(pi_c - ref_c)), rewards/rejected, rewards/accuracy,
+    Metrics: rewards/chosen (mean beta*(pi_c - ref_c)), rewards/rejected, rewards/accuracy,
     rewards/margin, logps/chosen, logps/rejected (mean policy logp_sum), nll (when nll_weight > 0).
     For ipo the rewards use the length-averaged log-probs that enter h.
     """
@@ -116,5 +116,4 @@ class DPOObjective(Objective):
             loss = loss + cfg.nll_weight * nll
             metrics["nll"] = nll
         metrics.update(preference_metrics(cfg.beta * chosen_ratio, cfg.beta * rejected_ratio, policy, c, r))
-        metrics["loss"] = loss
         return loss, detached(metrics)

@@ -70,7 +70,7 @@ def kto_class_weight_warning(num_desirable: int, num_undesirable: int, desirable
 class KTOObjective(Objective):
     """KTO with a data-parallel KL baseline z0.
 
-    Metrics: loss, kl (z0), rewards/chosen and rewards/rejected (mean beta*r over desirable /
+    Metrics: kl (z0), rewards/chosen and rewards/rejected (mean beta*r over desirable /
     undesirable examples, 0 when there are none; TRL's convention), rewards/margin (their difference),
     logps/chosen, logps/rejected (mean policy logp_sum of desirable / undesirable targets),
     count/chosen, count/rejected (examples of each kind in the micro-batch).
@@ -130,7 +130,6 @@ class KTOObjective(Objective):
         chosen_reward = safe_mean(rewards[desirable])
         rejected_reward = safe_mean(rewards[~desirable])
         return loss, detached({
-            "loss": loss,
             "kl": z0,
             "rewards/chosen": chosen_reward,
             "rewards/rejected": rejected_reward,

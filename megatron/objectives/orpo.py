@@ -22,7 +22,7 @@ from .stats import SequenceStats
 
 @register_objective("orpo")
 class ORPOObjective(Objective):
-    """ORPO. Metrics: loss, nll, log_odds_ratio (mean log sigmoid(log_odds), TRL's name), log_odds_chosen
+    """ORPO. Metrics: nll, log_odds_ratio (mean log sigmoid(log_odds), TRL's name), log_odds_chosen
     (mean log_odds), and DPO's rewards/* and logps/* with rewards = beta * avg logp (beta only scales
     the reported rewards; orpo_lambda weights the loss).
     """
@@ -52,7 +52,7 @@ class ORPOObjective(Objective):
         ratio = F.logsigmoid(log_odds)
         nll = chosen_nll(policy, c)
         loss = nll - cfg.orpo_lambda * safe_mean(ratio)
-        metrics = {"loss": loss, "nll": nll, "log_odds_ratio": safe_mean(ratio),
+        metrics = {"nll": nll, "log_odds_ratio": safe_mean(ratio),
                    "log_odds_chosen": safe_mean(log_odds)}
         metrics.update(preference_metrics(cfg.beta * ac, cfg.beta * ar, policy, c, r))
         return loss, detached(metrics)

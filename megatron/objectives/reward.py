@@ -24,7 +24,7 @@ from .stats import SequenceStats
 class RewardModelObjective(Objective):
     """Bradley-Terry reward-model loss on `SequenceStats.scores` (value head at each sequence's last token).
 
-    Metrics: loss, accuracy (fraction r_c > r_r), chosen_score, rejected_score (means), margin (mean r_c - r_r).
+    Metrics: accuracy (fraction r_c > r_r), chosen_score, rejected_score (means), margin (mean r_c - r_r).
     """
 
     batch_kind = "pairwise"
@@ -59,7 +59,6 @@ class RewardModelObjective(Objective):
             loss = loss + self.cfg.center_weight * safe_mean((rc + rr) ** 2)
         d = diff.detach()
         return loss, detached({
-            "loss": loss,
             "accuracy": safe_mean((d > 0).to(d.dtype)),
             "chosen_score": safe_mean(rc.detach()),
             "rejected_score": safe_mean(rr.detach()),

@@ -16,7 +16,7 @@ class SFTObjective(Objective):
 
     loss = -sum_n logp_sum[n] / sum_n token_count[n]   (nats per token)
 
-    Metrics: loss, nll (= loss), ppl = exp(nll), tokens (scored tokens in the micro-batch).
+    Metrics: nll (= the loss), ppl = exp(nll), tokens (scored tokens in the micro-batch).
     """
 
     batch_kind = "single"
@@ -27,4 +27,4 @@ class SFTObjective(Objective):
         """policy: SequenceStats over N sequences; reference unused. Returns (0-dim loss in nats/token, metrics)."""
         tokens = policy.token_count.sum()
         nll = -policy.logp_sum.sum() / tokens.clamp(min=1.0)
-        return nll, detached({"loss": nll, "nll": nll, "ppl": torch.exp(nll.detach()), "tokens": tokens})
+        return nll, detached({"nll": nll, "ppl": torch.exp(nll.detach()), "tokens": tokens})

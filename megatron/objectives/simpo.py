@@ -52,5 +52,4 @@ class SimPOObjective(Objective):
             loss = loss + cfg.nll_weight * nll
             metrics["nll"] = nll
         metrics.update(preference_metrics(cfg.beta * avg[c], cfg.beta * avg[r], policy, c, r))
-        metrics["loss"] = loss
         return loss, detached(metrics)

@@ -35,8 +35,10 @@ class TrainResult:
 
 @dataclass
 class Hooks:
-    """Test seams: `before_commit(step)` runs on every rank just before a checkpoint becomes visible."""
+    """Test seams. `before_commit(step)` runs on every rank just before a checkpoint becomes visible;
+    `after_step(step) -> bool` returning True requests the same clean stop as SIGTERM (save and exit)."""
     before_commit: Optional[Callable[[int], None]] = None
+    after_step: Optional[Callable[[int], bool]] = None
 
 
 def device_for_rank() -> torch.device:
@@ -216,10 +218,12 @@ def run_training(cfg: Config, hooks: Optional[Hooks] = None) -> TrainResult:
     barrier = (lambda: dist.barrier()) if dist.is_initialized() else (lambda: None)
     train_iter = build_data_iterator(cfg, ps.dp_rank, ps.dp_size, tokenizer, consumed_samples=state.consumed_samples,
                                      split="train", is_builder=ps.rank == 0, barrier=barrier)
-    valid_iter = None
+    valid_batches = None
     if cfg.train.eval_interval > 0 and cfg.data.valid_path:
         valid_iter = build_data_iterator(cfg, ps.dp_rank, ps.dp_size, tokenizer, consumed_samples=0,
                                          split="valid", is_builder=ps.rank == 0, barrier=barrier)
+        # The same held-out micro-batches at every evaluation, so eval curves are comparable.
+        valid_batches = [next(valid_iter) for _ in range(cfg.train.eval_iters)]
     objective = build_objective(cfg, ps)
     logger = MetricsLogger(cfg, enabled=ps.rank == 0, start_step=state.step)
     stop = _StopFlag() if cfg.checkpoint.save_on_sigterm else None
@@ -257,14 +261,15 @@ def run_training(cfg: Config, hooks: Optional[Hooks] = None) -> TrainResult:
                 logger.log(state.step, metrics)
                 result.history.append({"step": state.step, **metrics})
             logger.advance()
-            if valid_iter is not None and state.step % cfg.train.eval_interval == 0:
-                ev = evaluate(engine, ref_model, objective, valid_iter, ps, cfg, device)
+            if valid_batches is not None and state.step % cfg.train.eval_interval == 0:
+                ev = evaluate(engine, ref_model, objective, valid_batches, ps, cfg, device)
                 logger.log(state.step, ev)
                 result.history.append({"step": state.step, **ev})
             if cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0:
                 save()
                 last_saved = state.step
-            if stop is not None and stop.agreed(device):
+            requested = hooks.after_step is not None and hooks.after_step(state.step)
+            if requested or (stop is not None and stop.agreed(device)):
                 logger.message(f"SIGTERM received: saving at step {state.step} and exiting")
                 result.stopped_by_signal = True
                 break
@@ -279,10 +284,9 @@ def run_training(cfg: Config, hooks: Optional[Hooks] = None) -> TrainResult:
 
 
 @torch.no_grad()
-def evaluate(engine, ref_model, objective, valid_iter, ps, cfg: Config, device) -> Dict[str, float]:
-    """Mean objective metrics over `train.eval_iters` validation micro-batches, keys prefixed `eval/`."""
+def evaluate(engine, ref_model, objective, batches, ps, cfg: Config, device) -> Dict[str, float]:
+    """Mean objective metrics over the given validation micro-batches, keys prefixed `eval/`."""
     engine.eval()
-    batches = [next(valid_iter) for _ in range(cfg.train.eval_iters)]
     metrics, _ = _step_micro_batches(engine, ref_model, objective, batches, ps, cfg, device, train=False)
     engine.train()
     return {f"eval/{k}": v for k, v in _mean_over_dp(metrics, ps, device).items()}

@@ -1,0 +1,74 @@
+"""Row layout of a micro-batch: which sequences share a row, and how much of the batch is padding.
+
+Packed: examples (never single sequences, so a pair or a KTO completion with its KL sequence stay
+together) go into rows of `max_seq_len` tokens by best-fit-decreasing. Unpacked: every sequence gets
+its own row (chosen and rejected are separate rows of the same micro-batch). Rows are padded to the
+longest row of the micro-batch, or to `max_seq_len` with `pad_to_max_len`.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+
+def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[int]]:
+    """Bins (lists of item indices, ascending) holding items of `lengths` within `capacity` each.
+
+    Items are placed longest first, each into the fullest bin it still fits (ties: the earlier bin).
+    Deterministic. Raises ValueError when an item is longer than `capacity`.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    items: List[List[int]] = []
+    free: List[int] = []
+    for i in order:
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"item {i} has {n} tokens, more than the row length {capacity}")
+        best, best_free = -1, capacity + 1
+        for b, f in enumerate(free):
+            if n <= f < best_free:
+                best, best_free = b, f
+        if best < 0:
+            items.append([i])
+            free.append(capacity - n)
+        else:
+            items[best].append(i)
+            free[best] -= n
+    return [sorted(b) for b in items]
+
+
+def plan_rows(example_seq_lengths: Sequence[Sequence[int]], pack: bool,
+              max_seq_len: int) -> List[List[Tuple[int, int]]]:
+    """Rows of a micro-batch as lists of (example position, sequence position within the example).
+
+    example_seq_lengths[e][s] = tokens of sequence s of example e. Packed rows hold whole examples in
+    ascending example order; unpacked rows hold one sequence each, in example order.
+    """
+    if not pack:
+        return [[(e, s)] for e, seqs in enumerate(example_seq_lengths) for s in range(len(seqs))]
+    totals = [sum(seqs) for seqs in example_seq_lengths]
+    bins = best_fit_decreasing(totals, max_seq_len)
+    bins.sort(key=lambda b: b[0])  # rows in order of their first example, for readability
+    return [[(e, s) for e in b for s in range(len(example_seq_lengths[e]))] for b in bins]
+
+
+def row_width(row_lengths: Sequence[int], max_seq_len: int, pad_to_max_len: bool) -> int:
+    """Width S of the batch: max_seq_len with pad_to_max_len, else the longest row."""
+    return max_seq_len if pad_to_max_len else max(row_lengths)
+
+
+def padding_fraction(example_seq_lengths: Sequence[Sequence[int]], micro_batch_size: int, max_seq_len: int,
+                     pack: bool, pad_to_max_len: bool = False) -> float:
+    """Fraction of batch positions that are padding when the examples, in order, form micro-batches.
+
+    example_seq_lengths: per example, its sequences' token counts. Consecutive groups of
+    `micro_batch_size` examples are laid out as the collator does. Returns pad / (rows * width) in [0, 1).
+    """
+    pad = total = 0
+    for start in range(0, len(example_seq_lengths), micro_batch_size):
+        group = example_seq_lengths[start:start + micro_batch_size]
+        rows = plan_rows(group, pack, max_seq_len)
+        lengths = [sum(group[e][s] for e, s in row) for row in rows]
+        width = row_width(lengths, max_seq_len, pad_to_max_len)
+        total += width * len(rows)
+        pad += width * len(rows) - sum(lengths)
+    return pad / total if total else 0.0

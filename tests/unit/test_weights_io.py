@@ -1,0 +1,210 @@
+"""weights_io: TP/PP split and merge against the model's own sharding, disk round trips, clear errors."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from megatron.config import load_config
+from megatron.model import GPTModel
+from megatron.mpu import ParallelState
+from megatron.training import weights_io as wio
+
+
+def _cfg(tp=1, pp=1, **model):
+    base = dict(hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2, vocab_size=200,
+                ffn_hidden_size=128, max_seq_len=32)
+    base.update(model)
+    sets = [f"model.{k}={v}" for k, v in base.items()]
+    sets += [f"parallel.tensor={tp}", f"parallel.pipeline={pp}", "train.micro_batch_size=1",
+             "train.global_batch_size=1"]
+    if base.get("value_head"):
+        sets.append("objective.name=rm")
+    return load_config([], sets, world_size=tp * pp)
+
+
+def _tp_state(tp_rank: int, tp: int) -> ParallelState:
+    """The state of tensor rank `tp_rank` of `tp` (no groups: enough to build the model and read its shards)."""
+    return ParallelState(rank=tp_rank, world_size=tp, tp_rank=tp_rank, tp_ranks=list(range(tp)), tp_group=None,
+                         pp_rank=0, pp_ranks=[tp_rank], pp_group=None, dp_rank=0, dp_ranks=[tp_rank], dp_group=None,
+                         mp_rank=tp_rank, mp_ranks=list(range(tp)), mp_group=None)
+
+
+def _model_state(cfg, tp_rank: int, tp: int) -> dict:
+    torch.manual_seed(7)  # initialisation is TP-invariant: the same model at every tensor size
+    return {k: v.detach().clone() for k, v in GPTModel(cfg, _tp_state(tp_rank, tp)).state_dict().items()}
+
+
+VARIANTS = {
+    "llama_gqa": dict(),
+    "neox": dict(norm="layernorm", activation="gelu", qkv_bias=True, linear_bias=True, num_kv_heads=4,
+                 ffn_hidden_size=256, rotary_pct=0.25, parallel_residual=True),
+    "qwen_tied": dict(qkv_bias=True, tie_embeddings=True),
+    "reward": dict(value_head=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_split_and_merge_match_model_shards(name):
+    full = _model_state(_cfg(1, **VARIANTS[name]), 0, 1)
+    cfg2 = _cfg(2, **VARIANTS[name])
+    ranks = [_model_state(cfg2, r, 2) for r in range(2)]
+    assert set(full) == set(wio.canonical_shapes(cfg2, 1))
+    for r, sd in enumerate(ranks):
+        wio.check_keys_and_shapes(sd, cfg2, 2, f"rank {r}")
+    split = wio.split_tp(full, cfg2, 2)
+    for r in range(2):
+        for k in full:
+            assert torch.equal(split[r][k], ranks[r][k]), (name, r, k)
+    merged = wio.merge_tp_shards(ranks, cfg2)
+    assert set(merged) == set(full)
+    for k in full:
+        assert torch.equal(merged[k], full[k]), (name, k)
+
+
+def test_qkv_and_fc1_rank_layout_explicit():
+    cfg = _cfg(2)  # 4 q heads, 2 kv heads, head_dim 16, ffn 128
+    hd = 16
+    # rows labelled by (kind, head): q heads 0..3, k heads 0..1, v heads 0..1
+    full_qkv = torch.cat([torch.full((hd, 64), float(10 + h)) for h in range(4)]
+                         + [torch.full((hd, 64), float(20 + h)) for h in range(2)]
+                         + [torch.full((hd, 64), float(30 + h)) for h in range(2)])
+    fc1 = torch.cat([torch.full((128, 64), 1.0), torch.full((128, 64), 2.0)])
+    fc1[:64] += 0.5  # first half of gate belongs to rank 0
+    fc1[128:192] += 0.5
+    full = {"blocks.0.attention.qkv.weight": full_qkv, "blocks.0.mlp.fc1.weight": fc1}
+    r0, r1 = wio.split_tp(full, cfg, 2)
+    assert r0["blocks.0.attention.qkv.weight"][::hd, 0].tolist() == [10, 11, 20, 30]
+    assert r1["blocks.0.attention.qkv.weight"][::hd, 0].tolist() == [12, 13, 21, 31]
+    assert r0["blocks.0.mlp.fc1.weight"][::64, 0].tolist() == [1.5, 2.5]
+    assert r1["blocks.0.mlp.fc1.weight"][::64, 0].tolist() == [1.0, 2.0]
+
+
+def test_vocab_repadding_between_tensor_sizes():
+    cfg = _cfg(1, vocab_size=300)
+    full = _model_state(cfg, 0, 1)
+    assert full["embedding.word_embeddings.weight"].shape[0] == 384
+    shards = wio.split_tp(full, _cfg(2, vocab_size=300), 2)
+    assert shards[0]["embedding.word_embeddings.weight"].shape[0] == 256  # 512 / 2
+    assert torch.equal(shards[1]["lm_head.weight"][384 - 256:], torch.zeros(128, 64))  # new padding rows
+    back = wio.merge_tp_shards(shards, cfg)
+    for k in full:
+        assert torch.equal(back[k], full[k]), k
+
+
+def test_gqa_tensor_larger_than_kv_heads_is_rejected():
+    with pytest.raises(ValueError, match="num_kv_heads=2"):
+        wio.split_tp(_model_state(_cfg(1), 0, 1), _cfg(1), 4)
+
+
+def test_pipeline_split_tied_and_merge():
+    assert wio.default_blocks_per_stage(5, 2) == [3, 2]
+    assert wio.default_blocks_per_stage(7, 3) == [3, 2, 2]
+    bps = [2, 1]
+    assert wio.stage_of_key("embedding.word_embeddings.weight", bps) == 0
+    assert wio.stage_of_key("blocks.1.mlp.fc2.weight", bps) == 0
+    assert wio.stage_of_key("blocks.2.input_norm.weight", bps) == 1
+    assert wio.stage_of_key("final_norm.weight", bps) == 1
+    assert wio.stage_of_key("lm_head.weight", bps) == 1
+    cfg = _cfg(1, num_layers=3, tie_embeddings=True)
+    full = _model_state(cfg, 0, 1)
+    stages = wio.split_pp(full, bps)
+    assert "embedding.word_embeddings.weight" in stages[0] and "embedding.word_embeddings.weight" in stages[1]
+    assert "blocks.2.attention.qkv.weight" in stages[1] and "blocks.2.attention.qkv.weight" not in stages[0]
+    merged = wio.merge_pp(stages)
+    assert set(merged) == set(full) and all(torch.equal(merged[k], full[k]) for k in full)
+    stages[1]["embedding.word_embeddings.weight"] = stages[1]["embedding.word_embeddings.weight"] + 1
+    with pytest.raises(wio.CheckpointError, match="embedding.word_embeddings.weight"):
+        wio.merge_pp(stages)
+    untied = wio.split_pp(_model_state(_cfg(1, num_layers=3), 0, 1), bps)
+    assert "embedding.word_embeddings.weight" not in untied[1]
+
+
+def _write(tmp_path, tp, pp, bps=None, **model):
+    cfg = _cfg(tp, pp, num_layers=3, **model)
+    full = _model_state(_cfg(1, num_layers=3, **model), 0, 1)
+    shards = wio.reshard(full, cfg, tp, pp, bps)
+    meta = {"step": 5, "consumed_samples": 40}
+    if bps:
+        meta["blocks_per_stage"] = bps
+    wio.write_checkpoint(str(tmp_path / "ck"), "step5", cfg, shards, meta)
+    return full, cfg
+
+
+@pytest.mark.parametrize("tp,pp,bps", [(1, 1, None), (2, 2, [1, 2]), (2, 3, None)])
+def test_write_read_round_trip(tmp_path, tp, pp, bps):
+    full, cfg = _write(tmp_path, tp, pp, bps, tie_embeddings=True)
+    ck = tmp_path / "ck"
+    assert (ck / "latest").read_text().strip() == "step5"
+    files = sorted(os.listdir(ck / "step5" / "weights"))
+    assert files == [f"tp{t:02d}_pp{p:02d}.pt" for t in range(tp) for p in range(pp)]
+    meta = json.loads((ck / "step5" / "meta.json").read_text())
+    assert meta["format"] == 1 and meta["tensor"] == tp and meta["pipeline"] == pp and meta["step"] == 5
+    assert meta["blocks_per_stage"] == (bps or wio.default_blocks_per_stage(3, pp))
+    for path in (str(ck), str(ck / "step5")):
+        back, meta2, cfg2 = wio.read_weights(path)
+        assert meta2 == meta and cfg2.parallel.tensor == tp
+        assert set(back) == set(full) and all(torch.equal(back[k], full[k]) for k in full)
+
+
+def test_write_weights_stores_fp32(tmp_path):
+    cfg = _cfg(1)
+    full = {k: v.bfloat16() for k, v in _model_state(cfg, 0, 1).items()}
+    wio.write_weights(str(tmp_path), {(0, 0): full}, {"step": 1})
+    sd = torch.load(tmp_path / "weights" / "tp00_pp00.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in sd.values())
+
+
+def test_error_missing_shard_names_path(tmp_path):
+    _write(tmp_path, 2, 1)
+    path = tmp_path / "ck" / "step5" / "weights" / "tp01_pp00.pt"
+    path.unlink()
+    with pytest.raises(wio.CheckpointError, match="missing file: .*tp01_pp00.pt"):
+        wio.read_weights(str(tmp_path / "ck"))
+
+
+def test_error_missing_config(tmp_path):
+    _write(tmp_path, 1, 1)
+    (tmp_path / "ck" / "step5" / "config.yaml").unlink()
+    with pytest.raises(wio.CheckpointError, match="missing file: .*config.yaml"):
+        wio.read_weights(str(tmp_path / "ck"))
+
+
+@pytest.mark.parametrize("content", [b"", b"step99\n", b"\x00\xff\xfe garbage"])
+def test_error_corrupt_latest_lists_tags(tmp_path, content):
+    _write(tmp_path, 1, 1)
+    (tmp_path / "ck" / "latest").write_bytes(content)
+    with pytest.raises(wio.CheckpointError) as err:
+        wio.read_weights(str(tmp_path / "ck"))
+    msg = str(err.value)
+    assert "latest" in msg and "step5" in msg and repr(content[:80]) in msg
+
+
+def test_error_not_a_checkpoint(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(wio.CheckpointError, match="not a checkpoint"):
+        wio.read_weights(str(tmp_path / "empty"))
+    with pytest.raises(wio.CheckpointError, match="does not exist"):
+        wio.read_weights(str(tmp_path / "nowhere"))
+
+
+def test_error_shape_mismatch_names_tensor_and_shapes(tmp_path):
+    _write(tmp_path, 2, 1)
+    path = tmp_path / "ck" / "step5" / "weights" / "tp00_pp00.pt"
+    sd = torch.load(path, weights_only=True)
+    sd["blocks.1.mlp.fc2.weight"] = torch.zeros(64, 32)
+    torch.save(sd, path)
+    with pytest.raises(wio.CheckpointError, match=r"blocks\.1\.mlp\.fc2\.weight.*\(64, 32\).*\(64, 64\)"):
+        wio.read_weights(str(tmp_path / "ck"))
+
+
+def test_error_unexpected_key(tmp_path):
+    _write(tmp_path, 1, 1)
+    path = tmp_path / "ck" / "step5" / "weights" / "tp00_pp00.pt"
+    sd = torch.load(path, weights_only=True)
+    sd["blocks.0.bogus"] = torch.zeros(1)
+    torch.save(sd, path)
+    with pytest.raises(wio.CheckpointError, match="unexpected keys.*blocks.0.bogus"):
+        wio.read_weights(str(tmp_path / "ck"))
