@@ -57,6 +57,17 @@ def kl_partners(n: int, seed: int) -> np.ndarray:
     return partner
 
 
+def sequence_lengths(kind: str, seqs_per_example: int, lengths, prompt_lens, budget: int,
+                     kl_seed: int) -> np.ndarray:
+    """Int64[E, k'] tokens of each example's sequences (unpaired: completion and KL sequence)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if kind == "unpaired":
+        prompts = np.asarray(prompt_lens, dtype=np.int64)
+        kl_len = np.minimum(prompts + (lengths - prompts)[kl_partners(len(lengths), kl_seed)], budget)
+        return np.stack([lengths, kl_len], axis=1)
+    return lengths.reshape(-1, seqs_per_example)
+
+
 class ExampleDataset:
     """Examples of an `IndexedDataset` for training with rows of `max_seq_len` tokens."""
 
@@ -66,19 +77,17 @@ class ExampleDataset:
         self.prefix = indexed.prefix
         self.kl_seed = kl_seed
         meta = indexed.meta
-        if meta["max_seq_len"] > max_seq_len or meta["max_example_len"] > max_seq_len:
-            raise ConfigError(f"key 'model.max_seq_len': {max_seq_len} is shorter than the rows the dataset "
-                              f"{self.prefix} was preprocessed for ({meta['max_seq_len']}); preprocess it again")
         self.max_seq_len = max_seq_len
-        lengths = np.asarray(indexed.lengths, dtype=np.int64)
-        k = indexed.seqs_per_example
-        self.seq_lengths = lengths.reshape(-1, k) if lengths.size else np.zeros((0, k), dtype=np.int64)
         if self.kind == "unpaired":
-            prompts = np.asarray(indexed.prompt_lens, dtype=np.int64)
             self.kl_partner = kl_partners(len(self), kl_seed)
-            kl_len = np.minimum(prompts + (lengths - prompts)[self.kl_partner], meta["sequence_budget"])
-            self.seq_lengths = np.stack([lengths, kl_len], axis=1)
+        self.seq_lengths = sequence_lengths(self.kind, indexed.seqs_per_example, indexed.lengths,
+                                            indexed.prompt_lens, meta["sequence_budget"], kl_seed)
         self.example_lengths = self.seq_lengths.sum(axis=1)  # Int64[E]
+        longest = int(self.example_lengths.max()) if len(self) else 0
+        if longest > max_seq_len:
+            raise ConfigError(f"key 'model.max_seq_len': {max_seq_len} is shorter than the longest example "
+                              f"({longest} tokens) of {self.prefix}, preprocessed for rows of "
+                              f"{meta['max_seq_len']}; preprocess it again with this max_seq_len")
         self.ref_logps = self._load_reference()
 
     def __len__(self) -> int:

@@ -49,7 +49,7 @@ class IndexedDatasetWriter:
         self.vocab_size = vocab_size
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
         self._bin = open(prefix + ".bin.tmp", "wb")
-        self._rows: List[Tuple[int, int, int, float, float]] = []
+        self.rows: List[Tuple[int, int, int, float, float]] = []
         self._offset = 0
         self.max_example_len = 0
 
@@ -66,7 +66,7 @@ class IndexedDatasetWriter:
             if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
                 raise ValueError(f"token id out of range [0, {self.vocab_size})")
             self._bin.write(arr.astype(self.dtype).tobytes())
-            self._rows.append((self._offset, arr.size, int(prompt_len), lab, mar))
+            self.rows.append((self._offset, arr.size, int(prompt_len), lab, mar))
             self._offset += arr.size
             total += arr.size
         self.max_example_len = max(self.max_example_len, total)
@@ -74,17 +74,17 @@ class IndexedDatasetWriter:
     @property
     def num_examples(self) -> int:
         """Examples written so far."""
-        return len(self._rows) // self.seqs_per_example
+        return len(self.rows) // self.seqs_per_example
 
     def finalize(self, meta: Dict) -> Dict:
         """Write P.idx and P.meta.json (with `meta` merged in) and move the files into place; returns the meta."""
         self._bin.close()
-        idx = np.array(self._rows, dtype=IDX_DTYPE) if self._rows else np.zeros(0, dtype=IDX_DTYPE)
+        idx = np.array(self.rows, dtype=IDX_DTYPE) if self.rows else np.zeros(0, dtype=IDX_DTYPE)
         with open(self.prefix + ".idx.tmp", "wb") as fh:
             np.save(fh, idx)
         full = dict(meta)
         full.update(format_version=FORMAT_VERSION, kind=self.kind, seqs_per_example=self.seqs_per_example,
-                    num_examples=self.num_examples, num_sequences=len(self._rows), num_tokens=self._offset,
+                    num_examples=self.num_examples, num_sequences=len(self.rows), num_tokens=self._offset,
                     dtype=self.dtype.name, vocab_size=self.vocab_size, max_example_len=self.max_example_len)
         with open(self.prefix + ".meta.json.tmp", "w", encoding="utf-8") as fh:
             json.dump(full, fh, indent=1)

@@ -1,9 +1,10 @@
 """Row layout of a micro-batch: which sequences share a row, and how much of the batch is padding.
 
 Packed: examples (never single sequences, so a pair or a KTO completion with its KL sequence stay
-together) go into rows of `max_seq_len` tokens by best-fit-decreasing. Unpacked: every sequence gets
-its own row (chosen and rejected are separate rows of the same micro-batch). Rows are padded to the
-longest row of the micro-batch, or to `max_seq_len` with `pad_to_max_len`.
+together) go into as few rows of `max_seq_len` tokens as best-fit-decreasing needs, balanced so the
+longest row is as short as possible. Unpacked: every sequence gets its own row (chosen and rejected
+are separate rows of the same micro-batch). Rows are padded to the longest row of the micro-batch, or
+to `max_seq_len` with `pad_to_max_len`.
 """
 from __future__ import annotations
 
@@ -36,6 +37,28 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[int]
     return [sorted(b) for b in items]
 
 
+def balanced_bins(lengths: Sequence[int], capacity: int) -> List[List[int]]:
+    """As few bins as best-fit-decreasing needs at `capacity`, with the longest bin as short as possible.
+
+    Rows are padded to the longest row of a micro-batch, so after fixing the row count R we look
+    (binary search) for the smallest capacity at which best-fit-decreasing still needs only R bins.
+    """
+    bins = best_fit_decreasing(lengths, capacity)
+    if not bins:
+        return bins
+    rows = len(bins)
+    lo = max(max(lengths), -(-sum(lengths) // rows))
+    hi = capacity
+    while lo < hi:
+        mid = (lo + hi) // 2
+        trial = best_fit_decreasing(lengths, mid)
+        if len(trial) <= rows:
+            hi, bins = mid, trial
+        else:
+            lo = mid + 1
+    return bins  # the last (smallest-capacity) arrangement found with `rows` bins
+
+
 def plan_rows(example_seq_lengths: Sequence[Sequence[int]], pack: bool,
               max_seq_len: int) -> List[List[Tuple[int, int]]]:
     """Rows of a micro-batch as lists of (example position, sequence position within the example).
@@ -46,7 +69,7 @@ def plan_rows(example_seq_lengths: Sequence[Sequence[int]], pack: bool,
     if not pack:
         return [[(e, s)] for e, seqs in enumerate(example_seq_lengths) for s in range(len(seqs))]
     totals = [sum(seqs) for seqs in example_seq_lengths]
-    bins = best_fit_decreasing(totals, max_seq_len)
+    bins = balanced_bins(totals, max_seq_len)
     bins.sort(key=lambda b: b[0])  # rows in order of their first example, for readability
     return [[(e, s) for e in b for s in range(len(example_seq_lengths[e]))] for b in bins]
 

@@ -25,6 +25,11 @@ def sequences_per_example(kind: str) -> int:
     return 1 if kind == "sft" else 2
 
 
+def stored_sequences_per_example(kind: str) -> int:
+    """Sequences stored per example in the indexed dataset: pairwise 2, else 1 (KL sequences are built on open)."""
+    return 2 if kind == "pairwise" else 1
+
+
 @dataclass(frozen=True)
 class Fields:
     """Record field names (DataConfig `*_field`); pre-tokenised variants are `<name>_ids`."""

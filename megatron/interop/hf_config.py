@@ -139,7 +139,8 @@ def _check_exportable(cfg: Config, family: str) -> None:
         raise ConversionError(f"llama cannot express qkv_bias={m.qkv_bias} with linear_bias={m.linear_bias} "
                               "(Llama's attention_bias covers q, k, v and o together); try --architecture qwen2")
     if family == "gpt_neox" and (m.num_kv_heads or m.num_attention_heads) != m.num_attention_heads:
-        raise ConversionError("gpt_neox has no grouped-query attention (num_kv_heads must equal num_attention_heads)")
+        raise ConversionError("the model cannot be exported as gpt_neox: it has no grouped-query attention "
+                              f"(model.num_kv_heads={m.num_kv_heads} must equal num_attention_heads)")
     bad = {k: (getattr(m, k), v) for k, v in want.items() if getattr(m, k) != v}
     if bad:
         detail = ", ".join(f"model.{k}={got!r} (needs {need!r})" for k, (got, need) in bad.items())

@@ -1,7 +1,7 @@
 """The unpipelined decoder-only model: the stage modules of `stages.py` chained in one nn.Module."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -35,7 +35,11 @@ class GPTModel(nn.Module):
     (nn.ModuleList of BlockStage), `final_norm` (FinalNormStage), then `lm_head` (LMHeadStage; absent with
     cfg.model.tie_embeddings) or `value_head` (ValueHeadStage, with cfg.model.value_head). `state_dict()`
     keys are exactly the canonical names of docs/ARCHITECTURE.md. Built after the same torch.manual_seed,
-    the model is the same at any tensor-parallel size (each rank holding its shards).
+    the model is the same at any tensor-parallel size (each rank holding its shards). With `layer_seed`, the
+    RNG is re-seeded `layer_seed + i` before the i-th layer spec (embedding 0, blocks 1..L, final norm L+1,
+    head L+2), matching DeepSpeed's PipelineModule(seed_layers=True, base_seed=layer_seed,
+    seed_fn=torch.manual_seed) at any pipeline split (its 'parameters' partitioning builds layers to count
+    them, which otherwise consumes the RNG stream); the RNG is left seeded as after the last layer.
 
     forward(input_ids [B, S] long, position_ids [B, S] long, segment_ids [B, S] long)
       -> logits shard [B, S, padded_vocab/tp] (vocab-parallel, not gathered), or values [B, S] fp32.
@@ -43,14 +47,28 @@ class GPTModel(nn.Module):
     one checkpointed chunk (recomputed in backward) while the model is in training mode.
     """
 
-    def __init__(self, cfg, ps: ParallelState):
+    def __init__(self, cfg, ps: ParallelState, layer_seed: Optional[int] = None):
         super().__init__()
         m, p = cfg.model, cfg.parallel
         self.tie_embeddings = m.tie_embeddings and not m.value_head
         self.checkpoint_chunk = p.checkpoint_num_layers if p.activation_checkpointing else 0
+
+        def seeded(index: int):
+            # Same as PipelineModule(seed_layers=True, base_seed=layer_seed, seed_fn=torch.manual_seed), which
+            # seeds before building spec `index`: init then does not depend on how the layers are staged.
+            if layer_seed is not None:
+                torch.manual_seed(layer_seed + index)
+
+        seeded(0)
         self.embedding = EmbeddingStage(cfg, ps)
-        self.blocks = nn.ModuleList(BlockStage(cfg, ps) for _ in range(m.num_layers))
+        blocks = []
+        for i in range(m.num_layers):
+            seeded(1 + i)
+            blocks.append(BlockStage(cfg, ps))
+        self.blocks = nn.ModuleList(blocks)
+        seeded(m.num_layers + 1)
         self.final_norm = FinalNormStage(cfg, ps)
+        seeded(m.num_layers + 2)
         if m.value_head:
             self.value_head = ValueHeadStage(cfg, ps)
         elif not self.tie_embeddings:

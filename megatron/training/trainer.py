@@ -20,6 +20,7 @@ from megatron.objectives import build_objective, get_objective_class, precompute
 from . import checkpointing as ckpt
 from .deepspeed_config import build_deepspeed_config
 from .distributed import init_distributed
+from .grad_norm import global_grad_norm
 from .forward import batch_to, forward_stats, reference_stats
 from .metrics import MetricsLogger
 from .schedules import lambda_lr_factory
@@ -158,6 +159,9 @@ def _step_micro_batches(engine, ref_model, objective, batches, ps, cfg, device, 
             loss, metrics = objective.loss(policy, reference, batch)
         if train:
             engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary() and cfg.parallel.zero_stage == 0:
+                # Plain fp32 engines clip without keeping the norm; measure it (TP-aware) for the logs.
+                sums["grad_norm"] = global_grad_norm(engine.module.parameters(), ps) * len(batches)
             engine.step()
         sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
         for k, v in metrics.items():
@@ -248,6 +252,9 @@ def run_training(cfg: Config, hooks: Optional[Hooks] = None) -> TrainResult:
             state.step += 1
             state.consumed_samples += cfg.train.global_batch_size
             grad_norm = engine.get_global_grad_norm()
+            if grad_norm is None:
+                grad_norm = metrics.pop("grad_norm", float("nan"))
+            metrics.pop("grad_norm", None)
             metrics = _mean_over_dp(metrics, ps, device)
             tok = torch.tensor([float(tokens)], device=device)
             if ps.dp_size > 1:

@@ -88,7 +88,10 @@ def test_cli_round_trip_with_reshard_bf16_and_tokenizer(tmp_path):
     assert to_hf.main(["--ckpt", ck2, "--out", back, "--dtype", "bf16"]) == 0
     a, b = load_file(os.path.join(hf_dir, "model.safetensors")), load_file(os.path.join(back, "model.safetensors"))
     assert all(b[k].dtype == torch.bfloat16 and torch.equal(b[k], a[k].bfloat16()) for k in a)
-    assert AutoTokenizer.from_pretrained(back)("w3 w7")["input_ids"] == [3, 7]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert open(os.path.join(back, name), "rb").read() == open(os.path.join(hf_dir, name), "rb").read()
+    assert AutoTokenizer.from_pretrained(back)("w3 w7")["input_ids"] == \
+        AutoTokenizer.from_pretrained(hf_dir)("w3 w7")["input_ids"]
     assert AutoModelForCausalLM.from_pretrained(back).dtype == torch.bfloat16
 
 

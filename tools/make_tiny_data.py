@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Write the tiny offline datasets and tokenizer under data/tiny/ (committed; a few hundred KB).
+
+Tasks are small and learnable so a 64-128 hidden model's loss falls within a minute on CPU:
+  "count up from 7:"   -> " 7 8 9 10"        "count down from 12:" -> " 12 11 10"
+  "reverse: a b c"     -> " c b a"
+Files:
+  sft.jsonl / sft_valid.jsonl            prompt/response
+  pairwise.jsonl / pairwise_valid.jsonl  prompt/chosen/rejected (chosen correct, rejected corrupted)
+  unpaired.jsonl / unpaired_valid.jsonl  prompt/completion/label (label = completion is correct)
+  sft_chat.jsonl                         messages (system/user/assistant, some multi-turn)
+  pairwise_chat.jsonl                    chosen/rejected full conversations (implicit prompt)
+  tokenizer/                             byte-level BPE (512 ids), <|pad|> <|bos|> <|eos|> <|im_start|>
+                                         <|im_end|>, BOS added by the tokenizer, chatml-like template
+Usage: python tools/make_tiny_data.py [--out data/tiny] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+from typing import Dict, List, Tuple
+
+SPECIAL = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"]
+# chatml-like; a turn ends with EOS so a rendered response already ends with it
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+                 "{{ message['content'] }}{{ eos_token }}{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+SYSTEM = "You are a careful assistant."
+
+
+def make_task(rng: random.Random) -> Tuple[str, List[str]]:
+    """(prompt, answer words) of one random task."""
+    task = rng.choice(("up", "down", "reverse"))
+    if task == "up":
+        start, k = rng.randint(0, 90), rng.randint(3, 6)
+        return f"count up from {start}:", [str(start + i) for i in range(k)]
+    if task == "down":
+        start, k = rng.randint(9, 99), rng.randint(3, 6)
+        return f"count down from {start}:", [str(start - i) for i in range(k)]
+    words = rng.sample(LETTERS, rng.randint(3, 6))
+    return "reverse: " + " ".join(words), words[::-1]
+
+
+def corrupt(rng: random.Random, words: List[str]) -> List[str]:
+    """A wrong answer close to `words`: one item changed, two swapped, or one dropped."""
+    out = list(words)
+    how = rng.choice(("change", "swap", "drop"))
+    i = rng.randrange(len(out))
+    if how == "change":
+        out[i] = str(int(out[i]) + rng.choice((-3, -2, 2, 3, 5))) if out[i].isdigit() else rng.choice(
+            [c for c in LETTERS if c != out[i]])
+    elif how == "swap":
+        j = (i + 1) % len(out)
+        out[i], out[j] = out[j], out[i]
+    else:
+        del out[i]
+    return out if out != words else out[::-1] + ["0"]
+
+
+def answer(words: List[str]) -> str:
+    return " " + " ".join(words)
+
+
+def sft_records(rng: random.Random, n: int) -> List[Dict]:
+    return [dict(prompt=p, response=answer(w)) for p, w in (make_task(rng) for _ in range(n))]
+
+
+def pairwise_records(rng: random.Random, n: int) -> List[Dict]:
+    out = []
+    for _ in range(n):
+        p, w = make_task(rng)
+        out.append(dict(prompt=p, chosen=answer(w), rejected=answer(corrupt(rng, w))))
+    return out
+
+
+def unpaired_records(rng: random.Random, n: int) -> List[Dict]:
+    out = []
+    for _ in range(n):
+        p, w = make_task(rng)
+        good = rng.random() < 0.5
+        out.append(dict(prompt=p, completion=answer(w if good else corrupt(rng, w)), label=good))
+    return out
+
+
+def chat_records(rng: random.Random, n: int) -> List[Dict]:
+    out = []
+    for _ in range(n):
+        msgs = [{"role": "system", "content": SYSTEM}] if rng.random() < 0.5 else []
+        for _ in range(rng.choice((1, 1, 2))):  # some multi-turn conversations
+            p, w = make_task(rng)
+            msgs += [{"role": "user", "content": p}, {"role": "assistant", "content": " ".join(w)}]
+        out.append(dict(messages=msgs))
+    return out
+
+
+def pairwise_chat_records(rng: random.Random, n: int) -> List[Dict]:
+    out = []
+    for _ in range(n):
+        p, w = make_task(rng)
+        user = [{"role": "user", "content": p}]
+        out.append(dict(chosen=user + [{"role": "assistant", "content": " ".join(w)}],
+                        rejected=user + [{"role": "assistant", "content": " ".join(corrupt(rng, w))}]))
+    return out
+
+
+def write_jsonl(path: str, records: List[Dict]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r) + "\n")
+
+
+def texts_of(records: List[Dict]) -> List[str]:
+    """Every string in the records (tokenizer training text)."""
+    out = []
+    for r in records:
+        for v in r.values():
+            if isinstance(v, str):
+                out.append(v)
+            elif isinstance(v, list):
+                out.extend(m["content"] for m in v)
+    return out
+
+
+def train_tokenizer(texts: List[str], out_dir: str, vocab_size: int = 512) -> None:
+    """Byte-level BPE over `texts`, saved as a Hugging Face tokenizer directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts + ["system", "user", "assistant", SYSTEM], trainer)
+    bos = tok.token_to_id("<|bos|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B",
+                                                       special_tokens=[("<|bos|>", bos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
+                                   pad_token="<|pad|>", additional_special_tokens=SPECIAL[3:])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "tiny")))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    rng = random.Random(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    files = {
+        "sft.jsonl": sft_records(rng, 2000), "sft_valid.jsonl": sft_records(rng, 200),
+        "pairwise.jsonl": pairwise_records(rng, 1000), "pairwise_valid.jsonl": pairwise_records(rng, 100),
+        "unpaired.jsonl": unpaired_records(rng, 1000), "unpaired_valid.jsonl": unpaired_records(rng, 100),
+        "sft_chat.jsonl": chat_records(rng, 100), "pairwise_chat.jsonl": pairwise_chat_records(rng, 100),
+    }
+    texts: List[str] = []
+    for name, records in files.items():
+        write_jsonl(os.path.join(args.out, name), records)
+        texts.extend(texts_of(records))
+    train_tokenizer(texts, os.path.join(args.out, "tokenizer"))
+    for name in sorted(os.listdir(args.out)):
+        path = os.path.join(args.out, name)
+        if os.path.isfile(path):
+            print(f"{path}: {os.path.getsize(path)} bytes")
+
+
+if __name__ == "__main__":
+    main()
