@@ -11,7 +11,7 @@ Extra keys: dataset_seq_index Long[N] (the sequence's position in the dataset's 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 import torch

@@ -23,7 +23,7 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[int]
     for i in order:
         n = lengths[i]
         if n > capacity:
-            raise ValueError(f"item {i} has {n} tokens, more than the row length {capacity}")
+            raise ValueError(f"item {i} has {n} tokens, more than the row length (max_seq_len) {capacity}")
         best, best_free = -1, capacity + 1
         for b, f in enumerate(free):
             if n <= f < best_free:

@@ -70,7 +70,7 @@ def _get(rec: Dict, name: str, required: bool = True) -> Any:
     value = rec.get(name)
     if value is None:
         if required:
-            raise RecordProblem(MISSING_FIELD, f"missing field '{name}'")
+            raise RecordProblem(MISSING_FIELD, f"'{name}' is absent or null")
         return None
     return _maybe_json(value)
 

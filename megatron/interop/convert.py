@@ -17,9 +17,8 @@ from typing import Dict, Optional, Sequence
 import torch
 import yaml
 
-from megatron.config import Config, ConfigError
+from megatron.config import Config, ConfigError, config_from_dict
 from megatron.config.derive import derive_and_validate
-from megatron.config.load import _apply
 from megatron.training import weights_io as wio
 
 from .hf_config import ConversionError, architecture_of, family_for_export, hf_to_model_fields, model_to_hf_config
@@ -85,8 +84,7 @@ def hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str =
         raw = json.load(fh)
     family, value_head = architecture_of(raw)
     hf_cfg = AutoConfig.from_pretrained(hf_dir)
-    cfg = Config()
-    _apply(cfg.model, hf_to_model_fields(hf_cfg, family, value_head), cfg_path, "model.")
+    cfg = config_from_dict({"model": hf_to_model_fields(hf_cfg, family, value_head)}, cfg_path)
     cfg.train.precision = dtype
     if cfg.model.value_head:
         cfg.objective.name = "rm"  # the objective that trains a value head (config validation requires it)

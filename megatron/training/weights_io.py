@@ -31,6 +31,11 @@ EMBEDDING_KEY = "embedding.word_embeddings.weight"
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
+def _blocks_in(sd: Dict[str, torch.Tensor]) -> List[int]:
+    """Sorted global block indices present in a state dict."""
+    return sorted({int(m.group(1)) for k in sd for m in [_BLOCK_RE.match(k)] if m})
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint on disk is missing, corrupt, or does not match its config."""
 
@@ -344,11 +349,7 @@ def write_weights(tag_dir: str, shards: Dict[Tuple[int, int], Dict[str, torch.Te
     full_meta.update(meta)
     full_meta["tensor"], full_meta["pipeline"], full_meta["format"] = tp, pp, FORMAT_VERSION
     if "blocks_per_stage" not in full_meta:
-        counts = []
-        for p in range(pp):
-            blocks = {int(m.group(1)) for k in shards[(0, p)] for m in [_BLOCK_RE.match(k)] if m}
-            counts.append(len(blocks))
-        full_meta["blocks_per_stage"] = counts
+        full_meta["blocks_per_stage"] = [len(_blocks_in(shards[(0, p)])) for p in range(pp)]
     os.makedirs(os.path.join(tag_dir, "weights"), exist_ok=True)
     for (t, p), sd in shards.items():
         torch.save(_fp32(sd), weights_file(tag_dir, t, p))
@@ -457,22 +458,31 @@ def _load_shard(path: str) -> Dict[str, torch.Tensor]:
 
 
 def read_shards(tag_dir: str, cfg: Config, meta: dict) -> Dict[Tuple[int, int], Dict[str, torch.Tensor]]:
-    """Load and check every `weights/tp*_pp*.pt` of `tag_dir` against the model in `cfg`."""
+    """Load and check every `weights/tp*_pp*.pt` of `tag_dir` against the model in `cfg`.
+
+    The pipeline split is meta's `blocks_per_stage`; when meta lacks it, it is read off the block indices
+    stored in each stage's tensor-rank-0 file.
+    """
     tp, pp = meta["tensor"], meta["pipeline"]
-    bps = list(meta.get("blocks_per_stage") or default_blocks_per_stage(cfg.model.num_layers, pp))
+    out = {(t, p): _load_shard(weights_file(tag_dir, t, p)) for t in range(tp) for p in range(pp)}
+    bps = meta.get("blocks_per_stage")
+    if not bps:
+        per_stage = [_blocks_in(out[(0, p)]) for p in range(pp)]
+        flat = [i for blocks in per_stage for i in blocks]
+        if flat != list(range(cfg.model.num_layers)):
+            raise CheckpointError(f"{tag_dir}: meta.json has no blocks_per_stage and the stage files do not hold "
+                                  f"consecutive, disjoint blocks 0..{cfg.model.num_layers - 1} (blocks per stage file: "
+                                  f"{per_stage}); each block must be stored on exactly one pipeline stage")
+        bps = [len(blocks) for blocks in per_stage]
+    bps = list(bps)
     if len(bps) != pp or sum(bps) != cfg.model.num_layers:
         raise CheckpointError(f"{os.path.join(tag_dir, 'meta.json')}: blocks_per_stage={bps} does not match "
                               f"pipeline={pp} and num_layers={cfg.model.num_layers}")
     keys = list(canonical_shapes(cfg, tp))
     tied = cfg.model.tie_embeddings and not cfg.model.value_head
     stage_keys = [[k for k in keys if p in stages_of_key(k, bps, tied)] for p in range(pp)]
-    out = {}
-    for t in range(tp):
-        for p in range(pp):
-            path = weights_file(tag_dir, t, p)
-            sd = _load_shard(path)
-            check_keys_and_shapes(sd, cfg, tp, path, stage_keys[p])
-            out[(t, p)] = sd
+    for (t, p), sd in out.items():
+        check_keys_and_shapes(sd, cfg, tp, weights_file(tag_dir, t, p), stage_keys[p])
     return out
 
 

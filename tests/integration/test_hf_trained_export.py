@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 
 from megatron.interop.convert import megatron_to_hf
@@ -25,6 +26,7 @@ def _ids(vocab: int, seq: int = 16) -> torch.Tensor:
     return torch.randint(1, vocab, (1, seq), generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.slow
 def test_trained_sft_model_exports_with_our_logits(tmp_path):
     from transformers import AutoModelForCausalLM
     work = str(tmp_path / "sft")
@@ -45,6 +47,7 @@ def test_trained_sft_model_exports_with_our_logits(tmp_path):
     assert (ours - want).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_trained_reward_model_exports_as_sequence_classification(tmp_path):
     from transformers import AutoModelForSequenceClassification
     work = str(tmp_path / "rm")

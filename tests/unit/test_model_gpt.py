@@ -2,7 +2,7 @@
 pipeline layer specs chaining to the same outputs as GPTModel."""
 import torch
 
-from megatron.model import GPTModel, canonical_prefix, layer_specs, tp_partition
+from megatron.model import canonical_prefix, layer_specs, tp_partition
 from megatron.model.layer_utils import hidden_dropout
 from megatron.mpu import ParallelState
 

@@ -149,6 +149,16 @@ def test_write_read_round_trip(tmp_path, tp, pp, bps):
         assert set(back) == set(full) and all(torch.equal(back[k], full[k]) for k in full)
 
 
+def test_read_infers_pipeline_split_when_meta_lacks_it(tmp_path):
+    full, _ = _write(tmp_path, 1, 2, [1, 2])
+    path = tmp_path / "ck" / "step5" / "meta.json"
+    meta = json.loads(path.read_text())
+    del meta["blocks_per_stage"]  # as a training engine that does not record it
+    path.write_text(json.dumps(meta))
+    back, _, _ = wio.read_weights(str(tmp_path / "ck"))
+    assert all(torch.equal(back[k], full[k]) for k in full)
+
+
 def test_write_weights_stores_fp32(tmp_path):
     cfg = _cfg(1)
     full = {k: v.bfloat16() for k, v in _model_state(cfg, 0, 1).items()}

@@ -10,10 +10,9 @@ import os
 import sys
 from typing import List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bootstrap import add_repo_root  # noqa: E402
-
-add_repo_root()
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _REPO not in sys.path:  # run as `python tools/ckpts/<script>.py` from anywhere
+    sys.path.insert(0, _REPO)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
