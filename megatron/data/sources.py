@@ -60,10 +60,14 @@ def detect_format(path: str, fmt: str = "auto", key: str = "data.train_path") ->
         if lower.endswith(ext):
             return name
     if lower.endswith(".json"):
-        # A .json file may hold one array (or object) or be JSON Lines; look at the first character.
+        # A .json file may be JSON Lines or one document (array of records, or an object of columns):
+        # it is JSON Lines when its first non-blank line is a complete JSON object on its own.
         with open(path, "r", encoding="utf-8") as fh:
-            head = fh.read(4096).lstrip()
-        return "json" if head.startswith("[") else "jsonl"
+            first = next((line for line in fh if line.strip()), "")
+        try:
+            return "jsonl" if isinstance(json.loads(first), dict) else "json"
+        except json.JSONDecodeError:
+            return "json"
     raise ConfigError(f"key '{key}': cannot tell the format of {path!r} from its name; set data.format "
                       "to jsonl, json, parquet, csv or hf_disk")
 
