@@ -61,14 +61,17 @@ def corrupt(rng: random.Random, words: List[str]) -> List[str]:
 
 
 def answer(words: List[str]) -> str:
+    """Response text: the words after a leading space (so prompt and response tokenise apart)."""
     return " " + " ".join(words)
 
 
 def sft_records(rng: random.Random, n: int) -> List[Dict]:
+    """`n` prompt/response records."""
     return [dict(prompt=p, response=answer(w)) for p, w in (make_task(rng) for _ in range(n))]
 
 
 def pairwise_records(rng: random.Random, n: int) -> List[Dict]:
+    """`n` prompt/chosen/rejected records; chosen is correct, rejected corrupted."""
     out = []
     for _ in range(n):
         p, w = make_task(rng)
@@ -77,6 +80,7 @@ def pairwise_records(rng: random.Random, n: int) -> List[Dict]:
 
 
 def unpaired_records(rng: random.Random, n: int) -> List[Dict]:
+    """`n` prompt/completion/label records, about half correct (label true)."""
     out = []
     for _ in range(n):
         p, w = make_task(rng)
@@ -86,6 +90,7 @@ def unpaired_records(rng: random.Random, n: int) -> List[Dict]:
 
 
 def chat_records(rng: random.Random, n: int) -> List[Dict]:
+    """`n` messages records (optional system turn, one or two user/assistant exchanges)."""
     out = []
     for _ in range(n):
         msgs = [{"role": "system", "content": SYSTEM}] if rng.random() < 0.5 else []
@@ -97,6 +102,7 @@ def chat_records(rng: random.Random, n: int) -> List[Dict]:
 
 
 def pairwise_chat_records(rng: random.Random, n: int) -> List[Dict]:
+    """`n` chosen/rejected full conversations sharing the user turn (implicit prompt)."""
     out = []
     for _ in range(n):
         p, w = make_task(rng)
@@ -107,6 +113,7 @@ def pairwise_chat_records(rng: random.Random, n: int) -> List[Dict]:
 
 
 def write_jsonl(path: str, records: List[Dict]) -> None:
+    """One JSON object per line."""
     with open(path, "w", encoding="utf-8") as fh:
         for r in records:
             fh.write(json.dumps(r) + "\n")
@@ -145,6 +152,7 @@ def train_tokenizer(texts: List[str], out_dir: str, vocab_size: int = 512) -> No
 
 
 def main() -> None:
+    """Write every file under --out and print the sizes."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "tiny")))
     ap.add_argument("--seed", type=int, default=0)

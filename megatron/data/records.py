@@ -120,7 +120,9 @@ def _margin(rec: Dict, name: str) -> Optional[float]:
         out = float(value)
     except (TypeError, ValueError):
         raise RecordProblem(BAD_VALUE, f"field '{name}' must be a number, got {value!r:.80}") from None
-    if not math.isfinite(out):
+    if math.isnan(out):  # a missing value in a pandas-written column
+        return None
+    if math.isinf(out):
         raise RecordProblem(BAD_VALUE, f"field '{name}' must be finite, got {value!r:.80}")
     return out
 

@@ -137,6 +137,8 @@ def map_records(records: Iterable[RawRecord], tokenizer, settings: PreprocessSet
         if done:  # every chunk came back: the feeder is queueing the stop markers, let workers exit
             feeder.join(timeout=30)
         stop.set()
+        if not done:
+            tasks.cancel_join_thread()  # unread chunks must not keep this process from exiting
         for p in procs:
             p.join(timeout=30 if done else 0)
             if p.is_alive():

@@ -140,6 +140,8 @@ def check_compatible(tag_dir: str, cfg: Config) -> None:
 
 def canonical_state_dict(module: torch.nn.Module, zero_stage: int) -> Dict[str, torch.Tensor]:
     """This rank's canonical fp32 state dict, gathering ZeRO-3 partitions (collective over the DP group)."""
+    if hasattr(module, "canonical_state_dict"):  # a pipeline stage maps its layer-index names itself
+        return module.canonical_state_dict()
     if zero_stage == 3:
         import deepspeed
         params = list(module.parameters())
@@ -183,7 +185,7 @@ def save_checkpoint(cfg: Config, ps, engine, state: TrainState,
         dump_config(cfg, os.path.join(tmp, "config.yaml"))
         meta = {"format": FORMAT_VERSION, "step": state.step, "consumed_samples": state.consumed_samples,
                 "tensor": ps.tp_size, "pipeline": ps.pp_size, "data_parallel": ps.dp_size,
-                "world_size": ps.world_size, **(extra_meta or {})}
+                "world_size": ps.world_size, **_pipeline_meta(engine), **(extra_meta or {})}
         _atomic_write(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -191,6 +193,12 @@ def save_checkpoint(cfg: Config, ps, engine, state: TrainState,
         _prune(root, cfg.checkpoint.keep_last, keep=tag)
     _barrier()
     return final
+
+
+def _pipeline_meta(engine) -> Dict[str, Any]:
+    """{'blocks_per_stage': [...]} for a pipeline engine (read back by weights_io and resume), else {}."""
+    bps = getattr(getattr(engine, "module", None), "blocks_per_stage", None)
+    return {"blocks_per_stage": list(bps)} if bps is not None else {}
 
 
 def _prune(root: str, keep_last: int, keep: str) -> None:
@@ -211,6 +219,11 @@ def load_training_state(tag_dir: str, cfg: Config, ps, engine) -> TrainState:
             f"{tag_dir} was saved at tensor={meta.get('tensor')} pipeline={meta.get('pipeline')} but this run "
             f"uses tensor={ps.tp_size} pipeline={ps.pp_size}; resume at the saved layout, or set "
             "checkpoint.load_optimizer=false to load only the weights (re-sharded)")
+    split = _pipeline_meta(engine).get("blocks_per_stage")
+    if split is not None and meta.get("blocks_per_stage", split) != split:
+        raise CheckpointError(f"{tag_dir} was saved with blocks per pipeline stage {meta['blocks_per_stage']} but "
+                              f"this run splits {split}; set parallel.pipeline_partition="
+                              f"{','.join(str(b) for b in meta['blocks_per_stage'])} to resume")
     load_path, _ = engine.load_checkpoint(tag_dir, tag="deepspeed",
                                           load_optimizer_states=cfg.checkpoint.load_optimizer,
                                           load_lr_scheduler_states=cfg.checkpoint.load_optimizer)

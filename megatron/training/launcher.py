@@ -88,6 +88,8 @@ def runner_args(cfg: Config, user_script: str, user_args: Sequence[str],
                 mpi_args.append("--allow-run-as-root")
         else:
             mpi_args += ["-genv", "MASTER_ADDR", first, "-genv", "MASTER_PORT", str(lc.master_port)]
+        if not lc.master_addr:  # else DeepSpeed's runner asks the first host over ssh
+            args += ["--master_addr", first]
         args += ["--hostfile", hostfile, "--launcher", lc.type, "--force_multi", "--no_ssh_check",
                  "--launcher_args", " ".join(mpi_args)]
     else:  # validated earlier; kept for a clear message if the schema grows

@@ -2,7 +2,6 @@
 (`batch_kind`, `uses_value_head`, `loss(policy, reference, batch)`): it never branches on a method name."""
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import time
@@ -23,6 +22,7 @@ from .distributed import init_distributed
 from .grad_norm import global_grad_norm
 from .forward import batch_to, forward_stats, reference_stats
 from .metrics import MetricsLogger
+from .pipeline import build_pipeline_engines, pipeline_step
 from .schedules import lambda_lr_factory
 
 
@@ -62,7 +62,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, 
 def build_policy(cfg: Config, ps, init_dir: Optional[str]) -> torch.nn.Module:
     """The model with its starting weights: seeded random init, or the weights in `init_dir`."""
     torch.manual_seed(cfg.train.seed)
-    model = GPTModel(cfg, ps)
+    # Per-layer seeds (DeepSpeed's seed_layers): the same initial weights at any pipeline split.
+    model = GPTModel(cfg, ps, layer_seed=cfg.train.seed)
     if init_dir is not None:
         load_weights_into(model, init_dir, cfg, ps)
     return model
@@ -94,7 +95,9 @@ def build_reference(cfg: Config, ps, policy_init: torch.nn.Module, device, ds_mo
     """
     if cfg.derived.reference_mode != "live":
         return None
-    ref = copy.deepcopy(policy_init)
+    # A fresh module with the policy's initial weights (modules hold process groups: no deepcopy).
+    ref = GPTModel(cfg, ps)
+    ref.load_state_dict(policy_init.state_dict())
     if cfg.reference.load:
         load_weights_into(ref, ckpt.read_latest(cfg.reference.load)
                           if not os.path.exists(os.path.join(cfg.reference.load, "meta.json"))
@@ -144,6 +147,8 @@ def _mean_over_dp(values: Dict[str, float], ps, device) -> Dict[str, float]:
 
 def _step_micro_batches(engine, ref_model, objective, batches, ps, cfg, device, train: bool):
     """Forward (and backward when `train`) over the micro-batches of one step; returns averaged metrics."""
+    if ps.pp_size > 1:
+        return pipeline_step(engine, ref_model, objective, batches, ps, cfg, train)
     sums: Dict[str, float] = {}
     tokens = 0
     value_head = cfg.model.value_head
@@ -206,14 +211,16 @@ def run_training(cfg: Config, hooks: Optional[Hooks] = None) -> TrainResult:
         init_from = ckpt.read_meta(resume_dir).get("init_from")
     else:
         init_from = resume_dir
-    model = build_policy(cfg, ps, init_from)
-    ref_model = build_reference(cfg, ps, model, device, deepspeed)
-
     total_iters = cfg.train.iters
-    ds_cfg = build_deepspeed_config(cfg, use_torch_adam=not torch.cuda.is_available())
-    engine, _opt, _, _sched = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.optimizer.weight_decay), config=ds_cfg,
-        lr_scheduler=lambda_lr_factory(cfg.optimizer, total_iters), mpu=ps)
+    if ps.pp_size > 1:  # DeepSpeed's pipeline engine (megatron/training/pipeline.py)
+        engine, ref_model = build_pipeline_engines(cfg, ps, init_from, deepspeed)
+    else:
+        model = build_policy(cfg, ps, init_from)
+        ref_model = build_reference(cfg, ps, model, device, deepspeed)
+        ds_cfg = build_deepspeed_config(cfg, use_torch_adam=not torch.cuda.is_available())
+        engine, _opt, _, _sched = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.optimizer.weight_decay), config=ds_cfg,
+            lr_scheduler=lambda_lr_factory(cfg.optimizer, total_iters), mpu=ps)
 
     state = ckpt.TrainState()
     if full_resume:
@@ -244,6 +251,11 @@ def run_training(cfg: Config, hooks: Optional[Hooks] = None) -> TrainResult:
 
     engine.train()
     last_saved = state.step
+    if valid_batches is not None and state.step == 0:
+        # A step-0 evaluation gives every eval curve its untrained starting point.
+        ev = evaluate(engine, ref_model, objective, valid_batches, ps, cfg, device)
+        logger.log(0, ev)
+        result.history.append({"step": 0, **ev})
     try:
         while state.step < total_iters:
             t0 = time.perf_counter()

@@ -201,3 +201,11 @@ def test_token_dtype_and_index_are_memory_mapped(tok, tmp_path):
     assert isinstance(ds.index, np.memmap)
     assert ds.meta["tokenizer_fingerprint"] == tok.fingerprint and ds.meta["kind"] == "sft"
     assert ds.meta["num_examples"] == 200 and ds.meta["report"]["records_written"] == 200
+
+
+def test_optional_margin_column(tok, tmp_path):
+    recs = [dict(prompt="count up from 1:", chosen=" 1 2 3", rejected=" 1 3", margin=0.5),
+            dict(prompt="count up from 2:", chosen=" 2 3 4", rejected=" 2 4")]
+    path = write_format("parquet", recs, tmp_path)  # pandas stores the missing margin as NaN
+    _, ds = run_preprocess(path, tmp_path / "m", tok, settings_for(tmp_path))
+    assert ds.margin(0) == 0.5 and np.isnan(ds.margin(1))

@@ -1,0 +1,91 @@
+"""End to end through the user's command line: deepy.py -> DeepSpeed launcher -> train.py workers."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from megatron.testing.configs import DATA, REPO, TINY
+
+
+def _metrics(path):
+    with open(path) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def _deepy(config, workdir, extra=(), **popen):
+    cmd = [sys.executable, "deepy.py", "train.py", os.path.join(TINY, config),
+           "--set", f"logging.dir={workdir}/logs", "--set", f"checkpoint.save={workdir}/ckpt",
+           "--set", f"data.cache_dir={workdir}/cache", "--set", "train.progress_bar=false",
+           "--set", f"launcher.master_port={29600 + os.getpid() % 300}"] + list(extra)
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_deepy_tiny_sft_loss_falls(tmp_path):
+    proc = _deepy("sft.yml", tmp_path, ["--set", "train.iters=60", "--set", "checkpoint.interval=0"])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    rows = [r for r in _metrics(tmp_path / "logs" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(10, 61, 10))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "nll"):
+        assert key in rows[0], key
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, [r["loss"] for r in rows]
+    evals = [r for r in _metrics(tmp_path / "logs" / "metrics.jsonl") if "eval/loss" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["eval/loss"] < evals[0]["eval/loss"]
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_0000060"
+
+
+def test_deepy_two_cpu_ranks_and_sigterm_saves(tmp_path):
+    proc = _deepy("sft.yml", tmp_path, ["--set", "launcher.num_gpus=2", "--set", "train.micro_batch_size=8",
+                                        "--set", "train.iters=100000", "--set", "train.log_interval=1",
+                                        "--set", "checkpoint.interval=0"])
+    metrics = tmp_path / "logs" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and sum(1 for r in _metrics(metrics) if "loss" in r) >= 3:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    # What Slurm does to every task before preemption: SIGTERM to each worker process.
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+               if any(part.endswith("train.py") for part in c.cmdline())
+               and not any("deepspeed.launcher" in part for part in c.cmdline())]
+    assert len(workers) == 2
+    for w in workers:
+        w.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM received" in out
+    tag = (tmp_path / "ckpt" / "latest").read_text().strip()
+    step = int(tag.split("_")[1])
+    assert step >= 3 and (tmp_path / "ckpt" / tag / "meta.json").exists()
+    meta = json.loads((tmp_path / "ckpt" / tag / "meta.json").read_text())
+    assert meta["data_parallel"] == 2 and meta["consumed_samples"] == step * 16
+
+
+def test_deepy_rejects_bad_config_before_launch(tmp_path):
+    proc = _deepy("sft.yml", tmp_path, ["--set", "launcher.num_gpus=3", "--set", "parallel.tensor=2"])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "world size 3 is not divisible by parallel.tensor * parallel.pipeline = 2 * 1 = 2" in out
+    proc = _deepy("sft.yml", tmp_path, ["--set", "train.itres=5"])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "did you mean 'iters'" in out
+
+
+@pytest.mark.mpi
+def test_mpirun_two_ranks(tmp_path):
+    if shutil.which("mpirun") is None:
+        pytest.fail("OpenMPI's mpirun is not installed (.ci/run installs openmpi-bin): cannot test the MPI launcher")
+    proc = _deepy("sft.yml", tmp_path, ["--set", "launcher.type=openmpi", "--set", "launcher.num_gpus=2", "--set", "train.micro_batch_size=8",
+                                        "--set", "train.iters=4", "--set", "train.log_interval=1"])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert "mpirun" in out or (tmp_path / "logs" / "hostfile").exists()
+    meta = json.loads((tmp_path / "ckpt" / "step_0000004" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["data_parallel"] == 2
