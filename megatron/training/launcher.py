@@ -34,12 +34,20 @@ def read_hostfile(path: str) -> List[tuple]:
 
 
 def world_size_for(cfg: Config) -> int:
-    """Number of ranks the configured launcher will start."""
-    if cfg.launcher.hostfile and cfg.launcher.type in ("hostfile", "openmpi", "mpich"):
-        hosts = read_hostfile(cfg.launcher.hostfile)
-        return sum(s for _, s in hosts[: cfg.launcher.num_nodes] if cfg.launcher.num_nodes > 1) or \
-            sum(s for _, s in hosts)
-    return cfg.launcher.num_gpus * cfg.launcher.num_nodes
+    """Number of ranks the configured launcher will start.
+
+    With a hostfile (types hostfile/openmpi/mpich) every listed slot of the first `launcher.num_nodes`
+    hosts (all hosts when num_nodes is 1) is a rank; otherwise num_gpus * num_nodes.
+    """
+    lc = cfg.launcher
+    if lc.hostfile and lc.type in ("hostfile", "openmpi", "mpich"):
+        hosts = read_hostfile(lc.hostfile)
+        if lc.num_nodes > 1:
+            if lc.num_nodes > len(hosts):
+                raise ConfigError(f"launcher.num_nodes={lc.num_nodes} but {lc.hostfile} lists {len(hosts)} hosts")
+            hosts = hosts[: lc.num_nodes]
+        return sum(slots for _, slots in hosts)
+    return lc.num_gpus * lc.num_nodes
 
 
 def runner_args(cfg: Config, user_script: str, user_args: Sequence[str],
@@ -58,7 +66,6 @@ def runner_args(cfg: Config, user_script: str, user_args: Sequence[str],
         args += ["--hostfile", lc.hostfile, "--launcher", "pdsh", "--no_local_rank"]
         if lc.num_nodes > 1:
             args += ["--num_nodes", str(lc.num_nodes)]
-        args += ["--num_gpus", str(lc.num_gpus)]
         if lc.include:
             args += ["--include", lc.include]
         if lc.exclude:

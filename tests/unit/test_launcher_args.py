@@ -1,0 +1,49 @@
+"""deepy.py's translation of `launcher:` into DeepSpeed runner arguments, and rank discovery per launcher."""
+import pytest
+
+from megatron.config import ConfigError, load_config
+from megatron.training.distributed import _first_slurm_host, launcher_env
+from megatron.training.launcher import runner_args, world_size_for
+
+
+def _cfg(tmp_path, *sets):
+    pre = load_config([], list(sets), validate=False)
+    return load_config([], list(sets), world_size=world_size_for(pre))
+
+
+def test_local_and_hostfile(tmp_path):
+    cfg = _cfg(tmp_path, "launcher.num_gpus=2", "train.micro_batch_size=2", "train.global_batch_size=4")
+    args = runner_args(cfg, "train.py", ["a.yml"])
+    assert args[-2:] == ["train.py", "a.yml"] and args[args.index("--num_gpus") + 1] == "2"
+    hf = tmp_path / "hosts"
+    hf.write_text("node1 slots=4\nnode2 slots=4  # comment\n")
+    cfg = _cfg(tmp_path, "launcher.type=hostfile", f"launcher.hostfile={hf}", "train.global_batch_size=32")
+    assert cfg.derived.world_size == 8 and cfg.derived.data_parallel == 8
+    args = runner_args(cfg, "train.py", [])
+    assert args[args.index("--hostfile") + 1] == str(hf) and args[args.index("--launcher") + 1] == "pdsh"
+    bad = tmp_path / "bad"
+    bad.write_text("node1 slots=four\n")
+    with pytest.raises(ConfigError, match=r"bad:1: expected 'hostname slots=N'"):
+        _cfg(tmp_path, "launcher.type=hostfile", f"launcher.hostfile={bad}")
+
+
+def test_openmpi_writes_local_hostfile_and_passes_master(tmp_path):
+    cfg = _cfg(tmp_path, "launcher.type=openmpi", "launcher.num_gpus=2", f"logging.dir={tmp_path}",
+               "train.micro_batch_size=2", "train.global_batch_size=4")
+    args = runner_args(cfg, "train.py", [])
+    assert (tmp_path / "hostfile").read_text() == "localhost slots=2\n"
+    mpi = args[args.index("--launcher_args") + 1]
+    assert "MASTER_ADDR=127.0.0.1" in mpi and args[args.index("--launcher") + 1] == "openmpi"
+
+
+def test_rank_discovery_from_each_launcher():
+    assert launcher_env({"RANK": "3", "WORLD_SIZE": "4"}) == {}
+    ompi = launcher_env({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                         "MASTER_ADDR": "10.0.0.1"})
+    assert ompi == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_PORT": "29500"}
+    slurm = launcher_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+                          "SLURM_JOB_NODELIST": "gpu[007-008,010]"})
+    assert slurm["RANK"] == "5" and slurm["WORLD_SIZE"] == "16" and slurm["MASTER_ADDR"] == "gpu007"
+    mpich = launcher_env({"PMI_RANK": "0", "PMI_SIZE": "2"})
+    assert mpich["RANK"] == "0" and mpich["LOCAL_RANK"] == "0"
+    assert _first_slurm_host("node1,node2") == "node1"
