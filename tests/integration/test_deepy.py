@@ -40,25 +40,36 @@ def test_deepy_tiny_sft_loss_falls(tmp_path):
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_0000060"
 
 
+def _kill_tree(proc):
+    """Never leave training workers behind when a test fails half-way."""
+    if proc.poll() is None:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        proc.kill()
+
+
 def test_deepy_two_cpu_ranks_and_sigterm_saves(tmp_path):
     proc = _deepy("sft.yml", tmp_path, ["--set", "launcher.num_gpus=2", "--set", "train.micro_batch_size=8",
                                         "--set", "train.iters=100000", "--set", "train.log_interval=1",
                                         "--set", "checkpoint.interval=0"])
-    metrics = tmp_path / "logs" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and sum(1 for r in _metrics(metrics) if "loss" in r) >= 3:
-            break
-        time.sleep(0.5)
-    assert proc.poll() is None, proc.communicate()[0][-3000:]
-    # What Slurm does to every task before preemption: SIGTERM to each worker process.
-    workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
-               if any(part.endswith("train.py") for part in c.cmdline())
-               and not any("deepspeed.launcher" in part for part in c.cmdline())]
-    assert len(workers) == 2
-    for w in workers:
-        w.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
+    try:
+        metrics = tmp_path / "logs" / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and sum(1 for r in _metrics(metrics) if "loss" in r) >= 3:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        # What Slurm does to every task before preemption: SIGTERM to each worker process.
+        workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                   if any(part.endswith("train.py") for part in c.cmdline())
+                   and not any("deepspeed.launcher" in part for part in c.cmdline())]
+        assert len(workers) == 2
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        _kill_tree(proc)
     assert proc.returncode == 0, out[-3000:]
     assert "SIGTERM received" in out
     tag = (tmp_path / "ckpt" / "latest").read_text().strip()
