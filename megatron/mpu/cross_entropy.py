@@ -74,20 +74,28 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, target: torch.Tensor, ps: ParallelState,
-                                 chunk_size: Optional[int] = None) -> torch.Tensor:
+                                 chunk_size: Optional[int] = None,
+                                 ignore_index: Optional[int] = None) -> torch.Tensor:
     """Per-token cross-entropy `-log softmax(logits)[target]` over the full (padded) vocabulary.
 
     logits_shard: `[B, S, V/tp]`, any float dtype, this rank's vocabulary slice (rank r holds ids
-    `[r*V/tp, (r+1)*V/tp)`). target: `[B, S]` long, global ids in `[0, V)`. chunk_size: tokens per fp32
-    chunk (None = all at once). Returns `[B, S]` fp32 (nats), identical on every rank of the TP group.
+    `[r*V/tp, (r+1)*V/tp)`). target: `[B, S]` long, global ids in `[0, V)`, or `ignore_index` for
+    positions that are not scored (their loss and gradient are exactly 0, like F.cross_entropy's).
+    chunk_size: tokens per fp32 chunk (None = all at once). Returns `[B, S]` fp32 (nats), identical on
+    every rank of the TP group.
     """
     if target.shape != logits_shard.shape[:-1]:
         raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(logits_shard.shape)}")
     vocab_start = ps.tp_rank * logits_shard.shape[-1]
-    return _VocabParallelCrossEntropy.apply(logits_shard, target, ps.tp_group, vocab_start, chunk_size)
+    if ignore_index is None:
+        return _VocabParallelCrossEntropy.apply(logits_shard, target, ps.tp_group, vocab_start, chunk_size)
+    keep = target != ignore_index
+    loss = _VocabParallelCrossEntropy.apply(logits_shard, torch.where(keep, target, torch.zeros_like(target)),
+                                            ps.tp_group, vocab_start, chunk_size)
+    return torch.where(keep, loss, torch.zeros_like(loss))
 
 
 def vocab_parallel_logprobs(logits_shard: torch.Tensor, target: torch.Tensor, ps: ParallelState,
-                            chunk_size: Optional[int] = None) -> torch.Tensor:
+                            chunk_size: Optional[int] = None, ignore_index: Optional[int] = None) -> torch.Tensor:
     """Per-token `log p(target)` `[B, S]` fp32 (= minus `vocab_parallel_cross_entropy`, same arguments)."""
-    return -vocab_parallel_cross_entropy(logits_shard, target, ps, chunk_size)
+    return -vocab_parallel_cross_entropy(logits_shard, target, ps, chunk_size, ignore_index)
