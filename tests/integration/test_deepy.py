@@ -27,7 +27,9 @@ def _deepy(config, workdir, extra=(), **popen):
 
 
 def test_deepy_tiny_sft_loss_falls(tmp_path):
-    proc = _deepy("sft.yml", tmp_path, ["--set", "train.iters=60", "--set", "checkpoint.interval=0"])
+    proc = _deepy("sft.yml", tmp_path, ["--set", "train.iters=60", "--set", "checkpoint.interval=0",
+                                        "--set", "logging.wandb_project=tiny-test"],
+                  env={k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"})
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     rows = [r for r in _metrics(tmp_path / "logs" / "metrics.jsonl") if "loss" in r]
@@ -38,6 +40,9 @@ def test_deepy_tiny_sft_loss_falls(tmp_path):
     evals = [r for r in _metrics(tmp_path / "logs" / "metrics.jsonl") if "eval/loss" in r]
     assert evals[0]["step"] == 0 and evals[-1]["eval/loss"] < evals[0]["eval/loss"]
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_0000060"
+    # wandb ran offline (no key, no prompt) and recorded the run.
+    runs = list((tmp_path / "logs" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
 
 
 def _kill_tree(proc):
