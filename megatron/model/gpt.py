@@ -82,12 +82,24 @@ class GPTModel(nn.Module):
             return tied_lm_head_forward(self.embedding, x)
         return self.lm_head(x)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
-        """[B, S] ids, positions, segments -> logits shard [B, S, Vp/tp] (or values [B, S] fp32)."""
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor,
+                logit_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, S] ids, positions, segments -> logits shard [B, S, Vp/tp] (or values [B, S] fp32).
+
+        logit_index: optional Long[T] flat positions b*S+t; the head then runs on those positions only and
+        returns [T, Vp/tp] (or [T]): no logits for positions nobody scores (prompt tokens, padding).
+        """
         x = self.embedding((input_ids, position_ids, segment_ids))
         step = self.checkpoint_chunk if (self.checkpoint_chunk and self.training) else len(self.blocks)
         blocks = list(self.blocks)
         for start in range(0, len(blocks), max(step, 1)):
             run = _run_blocks(blocks[start:start + step])
             x = activation_checkpoint_func(run, *x) if self.checkpoint_chunk and self.training else run(*x)
-        return self.head(self.final_norm(x))
+        x = self.final_norm(x)
+        if logit_index is None:
+            return self.head(x)
+        if self.embedding.sp_group is not None:  # h is a sequence shard; the head gathers it first
+            out = self.head(x)
+            return out.reshape(-1, *out.shape[2:]).index_select(0, logit_index)
+        h = x[0]
+        return self.head((h.reshape(-1, h.shape[-1]).index_select(0, logit_index), x[1], x[2]))

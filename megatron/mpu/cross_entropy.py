@@ -47,8 +47,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         stats = torch.zeros(2, n, dtype=torch.float32, device=logits.device)  # [sum_exp; target logit]
         for s in _chunks(n, chunk_size):
             shifted = flat[s].float() - logit_max[s, None]
-            stats[0, s] = shifted.exp().sum(dim=-1)
             stats[1, s] = shifted.gather(1, local_tgt[s, None]).squeeze(1) * in_range[s]
+            stats[0, s] = shifted.exp_().sum(dim=-1)  # in place: one fp32 chunk buffer, not two
         if distributed:
             dist.all_reduce(stats, group=group)
         sum_exp, target_logit = stats[0], stats[1]

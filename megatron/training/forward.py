@@ -6,6 +6,7 @@ from typing import Dict, Optional
 
 import torch
 
+from megatron.model import GPTModel
 from megatron.mpu import vocab_parallel_logprobs
 from megatron.objectives import SequenceStats, sequence_stats
 
@@ -29,6 +30,16 @@ def forward_stats(model, batch: Dict[str, torch.Tensor], ps, value_head: bool) -
     Returns SequenceStats with logp_sum[N] (sum of log p(response token), nats), token_count[N] and, for a
     value-head model, scores[N] (the value at each sequence's last token).
     """
+    if not value_head and isinstance(getattr(model, "module", model), GPTModel):
+        # Only scored positions (loss_mask != 0) need logits: the LM head and the fp32 log-softmax run on those
+        # rows alone ([T, Vp/tp], not [B, S, Vp/tp]), skipping prompt tokens and padding.
+        mask = batch["loss_mask"]
+        index = (mask.reshape(-1) != 0).nonzero().squeeze(1)
+        logits = model(batch["input_ids"], batch["position_ids"], batch["segment_ids"], logit_index=index)
+        logps = vocab_parallel_logprobs(logits, batch["labels"].reshape(-1).index_select(0, index), ps,
+                                        chunk_size=LOGPROB_CHUNK_TOKENS)
+        token_logps = logps.new_zeros(mask.numel()).index_copy(0, index, logps).view(mask.shape)
+        return sequence_stats(token_logps, batch)
     out = model(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
     if value_head:
         zeros = torch.zeros(batch["labels"].shape, dtype=torch.float32, device=out.device)

@@ -13,6 +13,7 @@ ZeRO-1 and mixed precision keep DeepSpeed's optimizer-side norm, which already h
 from __future__ import annotations
 
 import torch
+from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from .grad_norm import global_grad_norm
@@ -37,6 +38,9 @@ class MegatronPipelineEngine(PipelineEngine):
         if self._owns_fp32_clipping():
             params = [p for p in self.module.parameters() if not getattr(p, "ds_pipe_replicated", False)]
             self._global_grad_norm = global_grad_norm(params, self.parallel_state)
+
+    # The schedule dispatches through this table of functions, not through method lookup.
+    _INSTRUCTION_MAP = {**PipelineEngine._INSTRUCTION_MAP, schedule.ReduceGrads: _exec_reduce_grads}
 
     def clip_fp32_gradients(self):
         """Clip to `gradient_clipping` with the norm measured in `_exec_reduce_grads`."""

@@ -79,7 +79,8 @@ def topology(cfg: Config) -> PipeModelDataParallelTopology:
                                          num_dp=cfg.derived.data_parallel)
 
 
-def build_pipeline_module(cfg: Config, ps, loss_fn=None, activation_checkpointing: bool = True) -> StagedPipelineModule:
+def build_pipeline_module(cfg: Config, ps, loss_fn=None,
+                          activation_checkpointing: bool = True) -> StagedPipelineModule:
     """This rank's stage of the model as a StagedPipelineModule (collective: every rank must call it).
 
     Activation checkpointing (cfg.parallel.activation_checkpointing) recomputes every
@@ -91,11 +92,14 @@ def build_pipeline_module(cfg: Config, ps, loss_fn=None, activation_checkpointin
     bps = blocks_per_stage(cfg)
     on = activation_checkpointing and cfg.parallel.activation_checkpointing
     interval = cfg.parallel.checkpoint_num_layers if on else 0
-    module = StagedPipelineModule(
-        layer_specs(cfg, ps), parts=stage_boundaries(bps), blocks=bps, cfg=cfg, topology=topology(cfg),
-        loss_fn=loss_fn, seed_layers=True, seed_fn=torch.manual_seed, base_seed=cfg.train.seed,
-        activation_checkpoint_interval=interval, activation_checkpoint_func=activation_checkpoint_func,
-        checkpointable_layers=list(CHECKPOINTABLE_LAYERS), dynamic_shape=True)
+    # no_grad: DeepSpeed broadcasts tied weights in place while building; outside no_grad autograd would
+    # record that broadcast into the parameter's history and backpropagate through it.
+    with torch.no_grad():
+        module = StagedPipelineModule(
+            layer_specs(cfg, ps), parts=stage_boundaries(bps), blocks=bps, cfg=cfg, topology=topology(cfg),
+            loss_fn=loss_fn, seed_layers=True, seed_fn=torch.manual_seed, base_seed=cfg.train.seed,
+            activation_checkpoint_interval=interval, activation_checkpoint_func=activation_checkpoint_func,
+            checkpointable_layers=list(CHECKPOINTABLE_LAYERS), dynamic_shape=True)
     # seed_layers is only wanted for initialisation: in forward DeepSpeed would re-seed the default RNG
     # before every layer of every micro-batch, which would tie dropout to the stage layout.
     module.seed_layers = False

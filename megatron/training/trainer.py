@@ -14,15 +14,17 @@ import torch.distributed as dist
 from megatron.config import Config, ConfigError
 from megatron.mpu import initialize_parallel
 from megatron.model import GPTModel
-from megatron.objectives import build_objective, get_objective_class, precomputed_reference
+from megatron.objectives import build_objective, get_objective_class, kto_class_weight_warning, precomputed_reference
 
 from . import checkpointing as ckpt
 from .deepspeed_config import build_deepspeed_config
 from .distributed import init_distributed
 from .grad_norm import global_grad_norm
 from .forward import batch_to, forward_stats, reference_stats
+from .memory_report import memory_report, write_memory_report
 from .metrics import MetricsLogger
 from .pipeline import build_pipeline_engines, pipeline_step
+from .precompute import require_reference_logps
 from .schedules import lambda_lr_factory
 
 
@@ -69,6 +71,19 @@ def build_policy(cfg: Config, ps, init_dir: Optional[str]) -> torch.nn.Module:
     return model
 
 
+def starting_point(cfg: Config):
+    """(resume_dir, full_resume, init_from) of a run: the checkpoint tag it starts from (or None), whether it
+    resumes the full training state from it, and the tag directory of the run's INITIAL weights (None: the
+    seeded init). A resumed run rebuilds its reference from `init_from`, as does tools/precompute_reference.py.
+    """
+    resume_dir = ckpt.find_resume_dir(cfg)
+    full_resume = resume_dir is not None and ckpt.has_training_state(resume_dir) and cfg.checkpoint.load_optimizer
+    if resume_dir is not None:
+        ckpt.check_compatible(resume_dir, cfg)
+    init_from = ckpt.read_meta(resume_dir).get("init_from") if full_resume else resume_dir
+    return resume_dir, full_resume, init_from
+
+
 def load_weights_into(model: torch.nn.Module, tag_dir: str, cfg: Config, ps) -> None:
     """Load canonical weights from any tensor/pipeline layout, re-sharded to this rank's layout."""
     from .weights_io import read_weights, split_tp
@@ -98,6 +113,15 @@ def build_reference(cfg: Config, ps, policy_init: torch.nn.Module, device, ds_mo
     # A fresh module with the policy's initial weights (modules hold process groups: no deepcopy).
     ref = GPTModel(cfg, ps)
     ref.load_state_dict(policy_init.state_dict())
+    return freeze_as_reference(cfg, ps, ref, device, ds_module)
+
+
+def freeze_as_reference(cfg: Config, ps, ref: torch.nn.Module, device, ds_module) -> torch.nn.Module:
+    """Turn `ref` (holding the policy's initial weights) into the frozen reference: `reference.load` weights
+    when set, no gradients, eval mode, `train.precision` dtype on `device` (ZeRO-3: an inference-only
+    DeepSpeed engine). Shared by the live reference and tools/precompute_reference.py, so precomputed
+    log-probs come from exactly the model (and precision) a live reference would use.
+    """
     if cfg.reference.load:
         load_weights_into(ref, ckpt.read_latest(cfg.reference.load)
                           if not os.path.exists(os.path.join(cfg.reference.load, "meta.json"))
@@ -111,6 +135,24 @@ def build_reference(cfg: Config, ps, policy_init: torch.nn.Module, device, ds_mo
         return engine
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
     return ref.to(device=device, dtype=dtype)
+
+
+def data_warnings(cfg: Config, objective_cls, dataset) -> List[str]:
+    """Start-up warnings about the training data for this objective (printed by rank 0).
+
+    Unpaired (KTO) data: the desirable/undesirable class weighting against the KTO paper's recommended
+    range, from the label counts of the whole training set.
+    """
+    out: List[str] = []
+    if objective_cls.batch_kind == "unpaired" and dataset.kind == "unpaired":
+        ix = dataset.indexed
+        labels = ix.index["label"][::ix.seqs_per_example]  # Float32[E], 1 desirable / 0 undesirable
+        n_desirable = int((labels > 0.5).sum())
+        text = kto_class_weight_warning(n_desirable, len(labels) - n_desirable, cfg.objective.desirable_weight,
+                                        cfg.objective.undesirable_weight)
+        if text:
+            out.append(text)
+    return out
 
 
 class _StopFlag:
@@ -194,6 +236,9 @@ def run_training(cfg: Config, hooks: Optional[Hooks] = None) -> TrainResult:
     objective_cls = get_objective_class(cfg.objective.name)
     if objective_cls.uses_value_head and not cfg.model.value_head:
         cfg.model.value_head = True
+    memory = memory_report(cfg)  # on every rank, so a config error stops all ranks alike
+    if ps.rank == 0:  # printed once, and written to <logging.dir>/memory.json
+        write_memory_report(cfg, memory)
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     tok_vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
@@ -202,15 +247,7 @@ def run_training(cfg: Config, hooks: Optional[Hooks] = None) -> TrainResult:
                           f"{cfg.model.vocab_size} (padded {cfg.derived.padded_vocab_size}); wrong tokenizer, "
                           f"or set model.vocab_size >= {tok_vocab}")
 
-    resume_dir = ckpt.find_resume_dir(cfg)
-    full_resume = resume_dir is not None and ckpt.has_training_state(resume_dir) and cfg.checkpoint.load_optimizer
-    if resume_dir is not None:
-        ckpt.check_compatible(resume_dir, cfg)
-    # Where the run's initial weights came from; a resumed run rebuilds its reference from the same place.
-    if full_resume:
-        init_from = ckpt.read_meta(resume_dir).get("init_from")
-    else:
-        init_from = resume_dir
+    resume_dir, full_resume, init_from = starting_point(cfg)
     total_iters = cfg.train.iters
     if ps.pp_size > 1:  # DeepSpeed's pipeline engine (megatron/training/pipeline.py)
         engine, ref_model = build_pipeline_engines(cfg, ps, init_from, deepspeed)
@@ -229,14 +266,20 @@ def run_training(cfg: Config, hooks: Optional[Hooks] = None) -> TrainResult:
     barrier = (lambda: dist.barrier()) if dist.is_initialized() else (lambda: None)
     train_iter = build_data_iterator(cfg, ps.dp_rank, ps.dp_size, tokenizer, consumed_samples=state.consumed_samples,
                                      split="train", is_builder=ps.rank == 0, barrier=barrier)
+    if cfg.derived.reference_mode == "precomputed":
+        require_reference_logps(train_iter.dataset, "train")
     valid_batches = None
     if cfg.train.eval_interval > 0 and cfg.data.valid_path:
         valid_iter = build_data_iterator(cfg, ps.dp_rank, ps.dp_size, tokenizer, consumed_samples=0,
                                          split="valid", is_builder=ps.rank == 0, barrier=barrier)
+        if cfg.derived.reference_mode == "precomputed":
+            require_reference_logps(valid_iter.dataset, "valid")
         # The same held-out micro-batches at every evaluation, so eval curves are comparable.
         valid_batches = [next(valid_iter) for _ in range(cfg.train.eval_iters)]
     objective = build_objective(cfg, ps)
     logger = MetricsLogger(cfg, enabled=ps.rank == 0, start_step=state.step)
+    for text in data_warnings(cfg, objective_cls, train_iter.dataset):
+        logger.message(f"warning: {text}")
     stop = _StopFlag() if cfg.checkpoint.save_on_sigterm else None
     result = TrainResult(step=state.step)
 

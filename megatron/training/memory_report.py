@@ -1,0 +1,187 @@
+"""Per-rank memory estimate of a configured run, computable without launching it.
+
+    python -m megatron.training.memory_report configs/sft_7b.yml --world-size 64 [--set parallel.pipeline=4 ...]
+        [--json out.json]
+
+`memory_report(cfg)` -> dict (the layout, and per rank: parameters held, parameter/gradient/optimizer-state
+bytes under its ZeRO stage, the frozen reference's bytes for reference.mode=live, and activation bytes of
+its pipeline stage, per micro-batch and for the micro-batches in flight under DeepSpeed's 1F1B schedule);
+the formulas are in megatron/training/memory_formulas.py. The trainer prints `format_report` once on rank 0
+at start-up and writes `<logging.dir>/memory.json` (`write_memory_report`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional
+
+from megatron.config import Config
+
+from . import memory_formulas as mf
+
+
+def _stage_params(cfg: Config, bps: List[int]) -> List[int]:
+    """Parameters of one tensor rank on each pipeline stage (a tied embedding counts on both ends)."""
+    from .weights_io import canonical_shapes, stages_of_key
+
+    tied = cfg.model.tie_embeddings and not cfg.model.value_head
+    out = [0] * len(bps)
+    for key, shape in canonical_shapes(cfg, cfg.parallel.tensor).items():
+        n = 1
+        for d in shape:
+            n *= d
+        for s in stages_of_key(key, bps, tied):
+            out[s] += n
+    return out
+
+
+def _uses_reference(cfg: Config) -> bool:
+    return cfg.derived.reference_mode == "live"
+
+
+def _micro_batch_shape(cfg: Config):
+    """(rows b, tokens per row s) bounding one micro-batch: every example (SFT sequence, pair, KTO target with
+    its KL sequence) fits in max_seq_len tokens, so micro_batch_size rows of max_seq_len bound it."""
+    return cfg.train.micro_batch_size, cfg.model.max_seq_len
+
+
+def memory_report(cfg: Config) -> Dict[str, Any]:
+    """The memory estimate of every rank of `cfg` (validated: cfg.derived filled)."""
+    from megatron.mpu.layout import make_layout
+
+    from .pipeline_partition import blocks_per_stage
+
+    m, p, d = cfg.model, cfg.parallel, cfg.derived
+    tp, pp, dp = p.tensor, p.pipeline, d.data_parallel
+    bps = blocks_per_stage(cfg)
+    param_bytes = 4 if cfg.train.precision == "fp32" else 2
+    b, s = _micro_batch_shape(cfg)
+    sp = p.sequence_parallel and tp > 1
+    ckpt = p.checkpoint_num_layers if p.activation_checkpointing else 0
+    scores = m.attention != "flash"
+    stage_params = _stage_params(cfg, bps)
+    stages = []
+    for st in range(pp):
+        states = mf.model_state_bytes(stage_params[st], param_bytes, p.zero_stage, dp)
+        act = mf.stage_activation_bytes(bps[st], s, b, m.hidden_size, m.num_attention_heads, tp, sp, ckpt,
+                                        scores, param_bytes)
+        if st == pp - 1 and not m.value_head:
+            act += mf.logits_bytes(s, b, d.padded_vocab_size, tp)
+        # DeepSpeed's TrainSchedule keeps min(stages - stage, micro-batches) forward passes alive (1F1B).
+        in_flight = min(pp - st, d.grad_accum) if pp > 1 else 1
+        ref = stage_params[st] * param_bytes if _uses_reference(cfg) else 0
+        if ref and pp == 1 and p.zero_stage == 3:
+            ref = -(-ref // dp)  # the unpipelined engine partitions the frozen reference like the policy
+        stage = {"stage": st, "blocks": bps[st], "parameters": stage_params[st], **states,
+                 "reference_param_bytes": int(ref),
+                 "activation_bytes_per_micro_batch": int(act), "micro_batches_in_flight": in_flight,
+                 "activation_bytes": int(act * in_flight)}
+        stage["total_bytes"] = (stage["param_bytes"] + stage["grad_bytes"] + stage["optimizer_bytes"]
+                                + stage["reference_param_bytes"] + stage["activation_bytes"])
+        stages.append(stage)
+    layout = make_layout(d.world_size, tp, pp)
+    ranks = []
+    for r in range(d.world_size):
+        pr, dr, tr = layout.coords(r)
+        ranks.append({"rank": r, "stage": pr, "data_rank": dr, "tensor_rank": tr,
+                      **{k: v for k, v in stages[pr].items() if k != "stage"}})
+    return {
+        "layout": {"world_size": d.world_size, "tensor": tp, "pipeline": pp, "data_parallel": dp,
+                   "zero_stage": p.zero_stage, "precision": cfg.train.precision, "micro_batch_size": b,
+                   "seq_len": s, "grad_accum": d.grad_accum, "sequence_parallel": sp,
+                   "activation_checkpointing": bool(ckpt), "checkpoint_num_layers": ckpt,
+                   "blocks_per_stage": bps, "reference_mode": d.reference_mode,
+                   "attention_scores_stored": scores},
+        "model": {"hidden_size": m.hidden_size, "num_layers": m.num_layers, "num_attention_heads":
+                  m.num_attention_heads, "padded_vocab_size": d.padded_vocab_size,
+                  "total_parameters": _total_params(cfg)},
+        "stages": stages,
+        "ranks": ranks,
+        "formulas": "megatron/training/memory_formulas.py (ZeRO: Rajbhandari et al. 2020; activations: "
+                    "Korthikanti et al. 2022, sbh(34 + 5as/h) per layer and its TP/SP/recompute variants)",
+    }
+
+
+def _total_params(cfg: Config) -> int:
+    from .weights_io import canonical_shapes
+
+    total = 0
+    for shape in canonical_shapes(cfg, 1).values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total
+
+
+def _unit(report: Dict[str, Any]):
+    """(name, bytes) of the display unit: GiB, or MiB when every stage totals under 1 GiB."""
+    big = max(st["total_bytes"] for st in report["stages"])
+    return ("GiB", 2**30) if big >= 2**30 else ("MiB", 2**20)
+
+
+def format_report(report: Dict[str, Any]) -> str:
+    """A table, one row per pipeline stage (all tensor/data ranks of a stage hold the same)."""
+    lay = report["layout"]
+    unit, scale = _unit(report)
+
+    def fmt(x: float) -> str:
+        return f"{x / scale:.3f}"
+
+    head = (f"memory estimate per rank ({unit}): world {lay['world_size']} = tensor {lay['tensor']} x pipeline "
+            f"{lay['pipeline']} x data {lay['data_parallel']}, ZeRO {lay['zero_stage']}, {lay['precision']}, "
+            f"micro-batch {lay['micro_batch_size']} x {lay['seq_len']} tokens, SP {lay['sequence_parallel']}, "
+            f"AC {lay['activation_checkpointing']}")
+    cols = ("stage", "blocks", "params", "weights", "grads", "optim", "reference", "act/mb", "in flight",
+            "activations", "total")
+    rows = [" ".join(f"{c:>11}" for c in cols)]
+    for st in report["stages"]:
+        vals = (st["stage"], st["blocks"], f"{st['parameters'] / 1e6:.2f}M", fmt(st["param_bytes"]),
+                fmt(st["grad_bytes"]), fmt(st["optimizer_bytes"]), fmt(st["reference_param_bytes"]),
+                fmt(st["activation_bytes_per_micro_batch"]), st["micro_batches_in_flight"],
+                fmt(st["activation_bytes"]), fmt(st["total_bytes"]))
+        rows.append(" ".join(f"{v:>11}" for v in vals))
+    return "\n".join([head] + rows)
+
+
+def write_memory_report(cfg: Config, report: Optional[Dict[str, Any]] = None, path: Optional[str] = None,
+                        echo: bool = True) -> Dict[str, Any]:
+    """Write `report` (computed if None) as JSON (default `<logging.dir>/memory.json`); print the table."""
+    report = report if report is not None else memory_report(cfg)
+    path = path or os.path.join(cfg.logging.dir, "memory.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=1)
+    if echo:
+        print(format_report(report), flush=True)
+    return report
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """CLI: print the per-stage table for a config at a world size (and optionally write the JSON)."""
+    from megatron.config import ConfigError, load_config
+
+    ap = argparse.ArgumentParser(prog="python -m megatron.training.memory_report", description=__doc__.split("\n")[0])
+    ap.add_argument("configs", nargs="+", help="YAML config files, merged in order")
+    ap.add_argument("--world-size", type=int, required=True, help="number of ranks (GPUs)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key (repeatable), e.g. --set parallel.zero_stage=1")
+    ap.add_argument("--json", help="also write the full report here")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.configs, args.overrides, world_size=args.world_size)
+        report = memory_report(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
