@@ -6,7 +6,7 @@ max_seq_len so the sequence divides over tensor ranks. One 1-rank reference grou
   single rank (tensor=1, pipeline=1);
 - with dropout 0.1, sequence parallelism on/off and activation checkpointing on/off give the same losses
   (recomputation redraws the same dropout masks), pipelined (tensor=2 x pipeline=2) and unpipelined
-  (tensor=2 x data=2); dropout does change the losses (the masks are really drawn).
+  (tensor=2 x data=2); recomputation really runs every block twice; dropout does change the losses.
 Memory report: the ZeRO 0/1/2/3 figures shrink as each stage shards one more state over data-parallel
 ranks and match a hand count of the tiny model; the pipeline, tensor, sequence-parallel and recomputation
 variants of the activation formula; the trainer writes <logging.dir>/memory.json; the CLI runs.
@@ -16,6 +16,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from megatron.testing.configs import TINY
 from megatron.testing.distributed import run_distributed
@@ -48,7 +49,19 @@ def _losses(rank, world_size, root, runs):
     for name, overrides in runs.items():
         cfg = tiny_test_config(f"{root}/{world_size}/{name}", "sft", world_size,
                                BASE + [f"data.cache_dir={root}/cache"] + overrides, iters=3)
-        rows = [r for r in run_training(cfg).history if "loss" in r]
+        # Count transformer-block forward calls: recomputation calls each block twice per micro-batch (a pre-hook:
+        # torch's recomputation stops as soon as it has the saved tensors, before the block's forward returns).
+        calls = [0]
+
+        def count(module, _inputs):
+            calls[0] += type(module).__name__ == "BlockStage"
+
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
+        try:
+            rows = [r for r in run_training(cfg).history if "loss" in r]
+        finally:
+            handle.remove()
+        out[name + ":block_calls"] = calls[0]
         out[name] = [r["loss"] for r in rows]
         out[name + ":grad_norm"] = [r["grad_norm"] for r in rows]
         if world_size == 1:
@@ -82,6 +95,13 @@ def test_sequence_parallel_and_recomputation_keep_dropout_losses(losses, name, b
     _, four = losses
     assert four[name] == pytest.approx(four[base], abs=1e-5, rel=0)
     assert four[name + ":grad_norm"] == pytest.approx(four[base + ":grad_norm"], abs=1e-5, rel=0)
+
+
+@pytest.mark.parametrize("name,base", [("tp2pp2_drop_ac", "tp2pp2_drop"), ("tp2dp2_drop_sp_ac", "tp2dp2_drop")])
+def test_recomputation_really_recomputes(losses, name, base):
+    _, four = losses
+    assert four[base + ":block_calls"] > 0
+    assert four[name + ":block_calls"] == 2 * four[base + ":block_calls"]
 
 
 def test_dropout_is_active(losses):

@@ -11,6 +11,7 @@ One 1-rank process group runs the references, then one 2-rank group runs the sam
   untied and tied embeddings; a pipeline=1 checkpoint loaded weights-only into the stages trains on
   identically.
 """
+import math
 import os
 
 import pytest
@@ -20,16 +21,18 @@ from megatron.testing.configs import DATA
 from megatron.testing.distributed import run_distributed
 
 IGNORED = ("tokens_per_s", "samples_per_s")
-SUBSET = 96  # pairwise records for the precomputed reference: enough for 3 steps, quick to precompute
+SUBSET = 96  # records trained with a precomputed reference: enough for 3 steps, quick to precompute
 
 
 def _subset(root, name):
-    """The first SUBSET records of data/tiny/<name>.jsonl (a quick precompute)."""
-    path = os.path.join(root, f"{name}_subset.jsonl")
-    if not os.path.exists(path):
-        with open(os.path.join(DATA, f"{name}.jsonl")) as src, open(path, "w") as dst:
+    """Path of the first SUBSET records of data/tiny/<name>.jsonl (written by `_write_subsets`)."""
+    return os.path.join(root, f"{name}_subset.jsonl")
+
+
+def _write_subsets(root):
+    for name in ("pairwise", "unpaired"):
+        with open(os.path.join(DATA, f"{name}.jsonl")) as src, open(_subset(root, name), "w") as dst:
             dst.writelines(line for _, line in zip(range(SUBSET), src))
-    return path
 
 
 def _plan(root, side):
@@ -85,6 +88,7 @@ def _run_plan(rank, world_size, root, side):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("pipeline"))
+    _write_subsets(root)
     single = run_distributed(_run_plan, 1, root, "single")[0]
     piped = run_distributed(_run_plan, 2, root, "piped")
     return root, single, piped[0], piped[1]
@@ -129,11 +133,14 @@ def test_pipeline_evaluates_with_live_reference(runs):
     assert evals[1]["eval/loss"] != evals[0]["eval/loss"]
 
 
-def test_precomputed_reference_equals_live_in_first_step(runs):
-    _, single, piped, _ = runs
-    # Both start from the reference weights, so step 1 is the same DPO loss (log 2) whichever reference.
-    assert _train_rows(piped["dpo_pre"])[0]["loss"] == pytest.approx(_train_rows(single["dpo_live"])[0]["loss"],
-                                                                     abs=1e-5)
+@pytest.mark.parametrize("name", ["dpo_live", "dpo_pre"])
+def test_pipelined_reference_equals_initial_policy(runs, name):
+    _, _, piped, _ = runs
+    # The live reference engine and the precomputed values both come from the initial weights, so the first
+    # DPO step sees a zero log-ratio for every pair: loss log 2, rewards 0.
+    first = _train_rows(piped[name])[0]
+    assert first["loss"] == pytest.approx(math.log(2.0), abs=1e-6)
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_pipeline_resume_continues_exactly(runs):
