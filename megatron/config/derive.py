@@ -47,6 +47,10 @@ def default_ffn(hidden: int, activation: str) -> int:
     return 4 * hidden
 
 
+def _even_split(n: int, parts: int):
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
 def derive_and_validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     """Check `cfg` for impossible values and fill `cfg.derived`. Returns cfg."""
     for key, choices in _CHOICES.items():
@@ -92,6 +96,15 @@ def derive_and_validate(cfg: Config, world_size: Optional[int] = None) -> Config
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} cannot be combined with parallel.pipeline="
                           f"{p.pipeline}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1; "
                           "set parallel.zero_stage=1")
+    if p.pipeline_partition not in ("parameters", "uniform"):
+        try:
+            counts = [int(x) for x in p.pipeline_partition.split(",")]
+        except ValueError:
+            counts = []
+        if len(counts) != p.pipeline or sum(counts) != m.num_layers or min(counts, default=0) < 1:
+            raise ConfigError(f"parallel.pipeline_partition={p.pipeline_partition!r}: use 'parameters', 'uniform' or "
+                              f"{p.pipeline} comma-separated block counts (each >= 1) summing to model.num_layers="
+                              f"{m.num_layers}, e.g. '{','.join(str(c) for c in _even_split(m.num_layers, p.pipeline))}'")
     if p.sequence_parallel and m.max_seq_len % p.tensor:
         raise ConfigError(f"parallel.sequence_parallel needs model.max_seq_len={m.max_seq_len} divisible by "
                           f"parallel.tensor={p.tensor}")

@@ -21,12 +21,13 @@ from .packing import plan_rows, row_width
 
 
 def collate(examples: Sequence[Example], pack: bool, max_seq_len: int,
-            pad_to_max_len: bool = False) -> Dict[str, torch.Tensor]:
+            pad_to_max_len: bool = False, width_multiple: int = 1) -> Dict[str, torch.Tensor]:
     """Lay out `examples` in rows (packed: best-fit of whole examples; unpacked: one sequence per row).
 
     Returns input_ids/labels/position_ids/segment_ids/seq_id Long[B,S], loss_mask Float[B,S],
     seq_last_pos Long[N] and the kind's index tensors. labels[t] is the next token of the same sequence
     (0 at its last token and in padding); loss_mask[t] = 1 iff that next token is a response token.
+    width_multiple: S is rounded up to a multiple of it (the tensor size under sequence parallelism).
     """
     if not examples:
         raise ValueError("collate needs at least one example")
@@ -37,7 +38,7 @@ def collate(examples: Sequence[Example], pack: bool, max_seq_len: int,
     row_lens = [sum(len(examples[e].sequences[s].ids) for e, s in row) for row in rows]
     if max(row_lens) > max_seq_len:
         raise ValueError(f"a row needs {max(row_lens)} tokens, more than max_seq_len={max_seq_len}")
-    B, S = len(rows), row_width(row_lens, max_seq_len, pad_to_max_len)
+    B, S = len(rows), row_width(row_lens, max_seq_len, pad_to_max_len, width_multiple)
 
     input_ids = np.zeros((B, S), dtype=np.int64)
     labels = np.zeros((B, S), dtype=np.int64)

@@ -72,12 +72,13 @@ class DataIterator:
     """Infinite iterator of this rank's micro-batches; `state_dict()` / `consumed_samples` for resume."""
 
     def __init__(self, dataset: ExampleDataset, sampler: MicroBatchSampler, pack: bool, max_seq_len: int,
-                 pad_to_max_len: bool = False):
+                 pad_to_max_len: bool = False, width_multiple: int = 1):
         self.dataset = dataset
         self.sampler = sampler
         self.pack = pack
         self.max_seq_len = max_seq_len
         self.pad_to_max_len = pad_to_max_len
+        self.width_multiple = width_multiple
         self._indices: Iterator[List[int]] = iter(sampler)
 
     @property
@@ -98,7 +99,8 @@ class DataIterator:
 
     def collate(self, indices: Sequence[int]) -> Dict[str, torch.Tensor]:
         """The micro-batch of dataset examples `indices` laid out as this iterator does."""
-        return collate([self.dataset[i] for i in indices], self.pack, self.max_seq_len, self.pad_to_max_len)
+        return collate([self.dataset[i] for i in indices], self.pack, self.max_seq_len, self.pad_to_max_len,
+                       self.width_multiple)
 
     def state_dict(self) -> Dict[str, int]:
         """{'consumed_samples': int}; pass it back as build_data_iterator(consumed_samples=...)."""
@@ -125,7 +127,9 @@ def build_data_iterator(cfg, dp_rank: int, dp_size: int, tokenizer, consumed_sam
     sampler = MicroBatchSampler(len(dataset), t.global_batch_size, t.micro_batch_size, dp_rank, dp_size,
                                 seed=t.seed, shuffle=cfg.data.shuffle and split == "train",
                                 consumed_samples=consumed_samples)
-    return DataIterator(dataset, sampler, cfg.data.pack, cfg.model.max_seq_len, cfg.data.pad_to_max_len)
+    width_multiple = cfg.parallel.tensor if cfg.parallel.sequence_parallel else 1
+    return DataIterator(dataset, sampler, cfg.data.pack, cfg.model.max_seq_len, cfg.data.pad_to_max_len,
+                        width_multiple)
 
 
 def iterate_all(dataset: ExampleDataset, micro_batch_size: int, pack: bool, max_seq_len: int,

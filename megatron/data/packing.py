@@ -74,9 +74,12 @@ def plan_rows(example_seq_lengths: Sequence[Sequence[int]], pack: bool,
     return [[(e, s) for e in b for s in range(len(example_seq_lengths[e]))] for b in bins]
 
 
-def row_width(row_lengths: Sequence[int], max_seq_len: int, pad_to_max_len: bool) -> int:
-    """Width S of the batch: max_seq_len with pad_to_max_len, else the longest row."""
-    return max_seq_len if pad_to_max_len else max(row_lengths)
+def row_width(row_lengths: Sequence[int], max_seq_len: int, pad_to_max_len: bool, multiple: int = 1) -> int:
+    """Width S of the batch: max_seq_len with pad_to_max_len, else the longest row rounded up to
+    `multiple` (sequence parallelism splits S over the tensor group; max_seq_len is a multiple already)."""
+    if pad_to_max_len:
+        return max_seq_len
+    return min(max_seq_len, -(-max(row_lengths) // multiple) * multiple)
 
 
 def padding_fraction(example_seq_lengths: Sequence[Sequence[int]], micro_batch_size: int, max_seq_len: int,

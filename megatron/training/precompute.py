@@ -20,6 +20,8 @@ parallelism (a forward-only pass needs no pipeline: each tensor-parallel group h
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import time
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron.config import Config, ConfigError
+from megatron.config import Config, ConfigError, config_to_dict
 
 # What the error for missing values tells the user to run (the same configs and overrides as training).
 PRECOMPUTE_COMMAND = ("python tools/precompute_reference.py CONFIG.yml [--set key=value ...] "
@@ -42,17 +44,45 @@ def reference_logps_path(prefix: str) -> str:
     return prefix + ".ref_logps.npy"
 
 
-def require_reference_logps(dataset, split: str) -> None:
-    """Raise ConfigError unless `dataset` (an ExampleDataset) has precomputed reference log-probs.
+def reference_source_path(prefix: str) -> str:
+    """`<prefix>.ref_logps.source.json`: which reference model and precision produced the values."""
+    return prefix + ".ref_logps.source.json"
 
-    The message names the missing file, the data key it belongs to and the command that creates it.
+
+def reference_source(cfg: Config, init_from: Optional[str]) -> Dict[str, str]:
+    """What decides the reference values besides the data: the weights (reference.load, else the run's
+    initial weights `init_from`, else the seeded init), train.precision and the model section (sha256)."""
+    weights = cfg.reference.load or init_from
+    model = {k: v for k, v in config_to_dict(cfg)["model"].items() if k not in ("attention", "dropout")}
+    return {
+        "weights": os.path.realpath(weights) if weights else f"seeded init (train.seed={cfg.train.seed})",
+        "precision": cfg.train.precision,
+        "model_sha256": hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()[:16],
+    }
+
+
+def require_reference_logps(dataset, split: str, source: Optional[Dict[str, str]] = None) -> None:
+    """Raise ConfigError unless `dataset` (an ExampleDataset) has precomputed reference log-probs, made (when
+    `source` is given and the values record theirs) by the same reference.
+
+    The message names the file, the data key it belongs to and the command that (re)creates it.
     """
-    if dataset.ref_logps is not None:
-        return
-    raise ConfigError(
-        f"reference.mode=precomputed but the reference log-probs of data.{split}_path are missing: "
-        f"{reference_logps_path(dataset.prefix)} does not exist. Create them with the same configs and "
-        f"--set overrides as this run: {PRECOMPUTE_COMMAND}")
+    path = reference_logps_path(dataset.prefix)
+    if dataset.ref_logps is None:
+        raise ConfigError(
+            f"reference.mode=precomputed but the reference log-probs of data.{split}_path are missing: {path} "
+            f"does not exist. Create them with the same configs and --set overrides as this run: {PRECOMPUTE_COMMAND}")
+    recorded_path = reference_source_path(dataset.prefix)
+    if source is None or not os.path.exists(recorded_path):
+        return  # values written by other means (write_reference_logps) carry no record to check
+    with open(recorded_path, encoding="utf-8") as fh:
+        recorded = json.load(fh)
+    diffs = [f"{k}: values {recorded.get(k)!r}, this run {v!r}" for k, v in source.items() if recorded.get(k) != v]
+    if diffs:
+        raise ConfigError(
+            f"reference.mode=precomputed: {path} was computed with another reference than this run's ("
+            + "; ".join(diffs) + f"). Recompute them with the same configs and --set overrides as this run: "
+            f"{PRECOMPUTE_COMMAND}")
 
 
 @dataclass
@@ -83,7 +113,7 @@ def _remove_stale(prefix: str) -> None:
     # Old values come from another model (or KL seed); without them a crash half-way leaves "missing"
     # (a clear error at training time) rather than stale numbers. Also, opening a dataset whose stored
     # KL seed differs from train.seed is an error, which would block recomputing it.
-    for suffix in (".ref_logps.npy", ".ref_logps.json"):
+    for suffix in (".ref_logps.npy", ".ref_logps.json", ".ref_logps.source.json"):
         if os.path.exists(prefix + suffix):
             os.remove(prefix + suffix)
 
@@ -203,6 +233,9 @@ def precompute_reference(cfg: Config, log: Callable[[str], None] = print) -> Pre
         if is_main:
             values = _assemble(shares, expected, dataset.prefix)
             kl_seed = cfg.train.seed if dataset.kind == "unpaired" else None
+            # The record first: values never exist without it (a crash in between leaves "missing").
+            with open(reference_source_path(dataset.prefix), "w", encoding="utf-8") as fh:
+                json.dump(reference_source(cfg, init_from), fh, indent=1)
             write_reference_logps(dataset.prefix, values, kl_seed=kl_seed)
         barrier()
         result.paths[split] = reference_logps_path(dataset.prefix)

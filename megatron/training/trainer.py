@@ -24,7 +24,7 @@ from .forward import batch_to, forward_stats, reference_stats
 from .memory_report import memory_report, write_memory_report
 from .metrics import MetricsLogger
 from .pipeline import build_pipeline_engines, pipeline_step
-from .precompute import require_reference_logps
+from .precompute import reference_source, require_reference_logps
 from .schedules import lambda_lr_factory
 
 
@@ -267,13 +267,13 @@ def run_training(cfg: Config, hooks: Optional[Hooks] = None) -> TrainResult:
     train_iter = build_data_iterator(cfg, ps.dp_rank, ps.dp_size, tokenizer, consumed_samples=state.consumed_samples,
                                      split="train", is_builder=ps.rank == 0, barrier=barrier)
     if cfg.derived.reference_mode == "precomputed":
-        require_reference_logps(train_iter.dataset, "train")
+        require_reference_logps(train_iter.dataset, "train", reference_source(cfg, init_from))
     valid_batches = None
     if cfg.train.eval_interval > 0 and cfg.data.valid_path:
         valid_iter = build_data_iterator(cfg, ps.dp_rank, ps.dp_size, tokenizer, consumed_samples=0,
                                          split="valid", is_builder=ps.rank == 0, barrier=barrier)
         if cfg.derived.reference_mode == "precomputed":
-            require_reference_logps(valid_iter.dataset, "valid")
+            require_reference_logps(valid_iter.dataset, "valid", reference_source(cfg, init_from))
         # The same held-out micro-batches at every evaluation, so eval curves are comparable.
         valid_batches = [next(valid_iter) for _ in range(cfg.train.eval_iters)]
     objective = build_objective(cfg, ps)

@@ -32,6 +32,8 @@ FOUR_RANK_RUNS = {
     "tp2pp2": TP2PP2,
     "tp2pp2_sp": TP2PP2 + SP,
     "pp2dp2_zero1": ["parallel.pipeline=2", "parallel.zero_stage=1"],
+    # Packed rows of varying width: the collator rounds the width up to a multiple of the tensor size.
+    "tp2dp2_sp_unpadded": TP2DP2 + SP + ["data.pad_to_max_len=false"],
     "tp2pp2_drop": TP2PP2 + DROP,
     "tp2pp2_drop_sp": TP2PP2 + DROP + SP,
     "tp2pp2_drop_ac": TP2PP2 + DROP + AC,
@@ -79,7 +81,7 @@ def losses(tmp_path_factory):
     return single, four[0]
 
 
-@pytest.mark.parametrize("name", ["tp2pp2", "tp2pp2_sp", "pp2dp2_zero1"])
+@pytest.mark.parametrize("name", ["tp2pp2", "tp2pp2_sp", "pp2dp2_zero1", "tp2dp2_sp_unpadded"])
 def test_3d_layouts_match_single_rank(losses, name):
     single, four = losses
     assert len(single["single"]) == 3 and single["single"][0] != single["single"][-1]

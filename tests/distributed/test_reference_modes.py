@@ -122,21 +122,33 @@ def test_two_ranks_write_the_same_values_as_one(tmp_path):
         np.testing.assert_allclose(by_split[split], single[0][split], rtol=0, atol=1e-6)
 
 
-def _train_expecting_error(rank, world_size, workdir):
+def _train_expecting_errors(rank, world_size, workdir):
     from megatron.config import ConfigError
     from megatron.testing.configs import tiny_test_config
+    from megatron.training.precompute import precompute_reference
     from megatron.training.trainer import run_training
 
-    try:
-        run_training(tiny_test_config(workdir, "dpo", world_size, ["reference.mode=precomputed"], iters=1))
-    except ConfigError as exc:
-        return str(exc)
-    return "no error"
+    def error_of(cfg):
+        try:
+            run_training(cfg)
+        except ConfigError as exc:
+            return str(exc)
+        return "no error"
+
+    over = [f"data.train_path={_subset(workdir, 'dpo')}", "reference.mode=precomputed"]
+    missing = error_of(tiny_test_config(workdir, "dpo", world_size, over, iters=1))
+    precompute_reference(tiny_test_config(workdir, "dpo", world_size, over, iters=1))
+    # Another seed is another seeded initial model: the stored values are not this run's reference.
+    stale = error_of(tiny_test_config(workdir, "dpo", world_size, over + ["train.seed=7"], iters=1))
+    return missing, stale
 
 
-def test_missing_precomputed_values_is_a_clear_error(tmp_path):
-    msg = run_distributed(_train_expecting_error, 1, str(tmp_path))[0]
+def test_missing_or_stale_precomputed_values_are_clear_errors(tmp_path):
+    missing, stale = run_distributed(_train_expecting_errors, 1, str(tmp_path))[0]
     cached = [p for p in (tmp_path / "data_cache").iterdir() if p.name.startswith("pairwise.jsonl-")]
     assert len(cached) == 1
-    assert str(cached[0] / "data.ref_logps.npy") in msg, msg
-    assert "data.train_path" in msg and "tools/precompute_reference.py" in msg, msg
+    values = str(cached[0] / "data.ref_logps.npy")
+    assert values in missing and "does not exist" in missing, missing
+    assert "data.train_path" in missing and "tools/precompute_reference.py" in missing, missing
+    assert values in stale and "train.seed=1234" in stale and "train.seed=7" in stale, stale
+    assert "tools/precompute_reference.py" in stale, stale

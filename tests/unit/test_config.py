@@ -63,3 +63,11 @@ def test_dump_and_load_round_trip(tmp_path):
     dump_config(cfg, path)
     back = load_dumped_config(path)
     assert back == cfg and back.derived == cfg.derived and back.derived.head_dim == 16
+
+
+def test_pipeline_partition_is_checked_at_load():
+    cfg = load_config([], ["model.num_layers=3", "parallel.pipeline=2", "parallel.pipeline_partition=2,1"],
+                      world_size=2)
+    assert cfg.parallel.pipeline_partition == "2,1"
+    with pytest.raises(ConfigError, match=r"pipeline_partition='2,2'.*summing to model.num_layers=3, e.g. '2,1'"):
+        load_config([], ["model.num_layers=3", "parallel.pipeline=2", "parallel.pipeline_partition=2,2"], world_size=2)
