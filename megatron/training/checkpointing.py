@@ -97,15 +97,25 @@ def read_latest(ckpt_dir: str) -> str:
 
 
 def find_resume_dir(cfg: Config) -> Optional[str]:
-    """Tag directory to start from: `checkpoint.load`, else an existing `checkpoint.save` (auto-resume)."""
+    """Tag directory to start from.
+
+    The run's own newest checkpoint in `checkpoint.save` comes first, so a restarted or requeued run
+    continues where it stopped; otherwise `checkpoint.load` (a tag directory or a directory with `latest`).
+    """
+    if cfg.checkpoint.save and os.path.exists(os.path.join(cfg.checkpoint.save, LATEST)):
+        return read_latest(cfg.checkpoint.save)
     if cfg.checkpoint.load:
         path = cfg.checkpoint.load
         if os.path.exists(os.path.join(path, "meta.json")):
             return path  # a tag directory given directly
         return read_latest(path)
-    if cfg.checkpoint.save and os.path.exists(os.path.join(cfg.checkpoint.save, LATEST)):
-        return read_latest(cfg.checkpoint.save)
     return None
+
+
+def is_own_checkpoint(cfg: Config, tag_dir: str) -> bool:
+    """True when `tag_dir` lies in this run's `checkpoint.save` (a resume, not a new starting point)."""
+    return bool(cfg.checkpoint.save) and os.path.abspath(os.path.dirname(tag_dir)) == \
+        os.path.abspath(cfg.checkpoint.save)
 
 
 def read_meta(tag_dir: str) -> Dict[str, Any]:
@@ -118,8 +128,12 @@ def read_meta(tag_dir: str) -> Dict[str, Any]:
         raise CheckpointError(f"{path} is unreadable ({exc}); the checkpoint is incomplete or corrupt") from None
 
 
-def check_compatible(tag_dir: str, cfg: Config) -> None:
-    """Refuse a checkpoint whose model shape differs from the configured model, naming each key."""
+def check_compatible(tag_dir: str, cfg: Config, weights_only: bool = False) -> None:
+    """Refuse a checkpoint whose model shape differs from the configured model, naming each key.
+
+    weights_only: the checkpoint only provides starting weights, so a different head is allowed (a reward
+    model starts from an SFT model: the trunk loads, the value head keeps its fresh initialisation).
+    """
     path = os.path.join(tag_dir, "config.yaml")
     if not os.path.exists(path):
         raise CheckpointError(f"{path} is missing; cannot verify the checkpoint's model shape")
@@ -131,7 +145,7 @@ def check_compatible(tag_dir: str, cfg: Config) -> None:
             a, b = getattr(saved.derived, key) or a, getattr(cfg.derived, key) or b
         if a != b:
             diffs.append(f"model.{key}: checkpoint {a!r} vs config {b!r}")
-    if saved.model.value_head != cfg.model.value_head:
+    if saved.model.value_head != cfg.model.value_head and not weights_only:
         diffs.append(f"model.value_head: checkpoint {saved.model.value_head!r} vs config {cfg.model.value_head!r}")
     if diffs:
         raise CheckpointError(f"checkpoint {tag_dir} was saved from a different model shape:\n  "

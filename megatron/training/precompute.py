@@ -190,9 +190,6 @@ def precompute_reference(cfg: Config, log: Callable[[str], None] = print) -> Pre
     if not obj_cls.needs_reference(cfg.objective):
         raise ConfigError(f"key 'objective.name': objective '{cfg.objective.name}' (with these options) uses no "
                           "reference policy, so there is nothing to precompute")
-    if obj_cls.uses_value_head or cfg.model.value_head:
-        raise ConfigError("key 'model.value_head': the reference is a language model; precomputed log-probs "
-                          "need model.value_head=false")
     init_distributed(cfg.parallel.backend)
     ps = initialize_parallel(cfg.parallel.tensor, 1)
     if ps.world_size != cfg.derived.world_size:
@@ -230,14 +227,21 @@ def precompute_reference(cfg: Config, log: Callable[[str], None] = print) -> Pre
         else:
             shares = [share]
         expected = reference_sequence_count(dataset.indexed.meta)
+        failure: List[Optional[str]] = [None]
         if is_main:
-            values = _assemble(shares, expected, dataset.prefix)
-            kl_seed = cfg.train.seed if dataset.kind == "unpaired" else None
-            # The record first: values never exist without it (a crash in between leaves "missing").
-            with open(reference_source_path(dataset.prefix), "w", encoding="utf-8") as fh:
-                json.dump(reference_source(cfg, init_from), fh, indent=1)
-            write_reference_logps(dataset.prefix, values, kl_seed=kl_seed)
-        barrier()
+            try:
+                values = _assemble(shares, expected, dataset.prefix)
+                kl_seed = cfg.train.seed if dataset.kind == "unpaired" else None
+                # The record first: values never exist without it (a crash in between leaves "missing").
+                with open(reference_source_path(dataset.prefix), "w", encoding="utf-8") as fh:
+                    json.dump(reference_source(cfg, init_from), fh, indent=1)
+                write_reference_logps(dataset.prefix, values, kl_seed=kl_seed)
+            except (OSError, ValueError, RuntimeError) as exc:
+                failure[0] = f"{type(exc).__name__}: {exc}"
+        if dist.is_initialized() and ps.world_size > 1:
+            dist.broadcast_object_list(failure, src=0)  # every rank stops, rather than waiting on rank 0
+        if failure[0] is not None:
+            raise RuntimeError(f"writing the reference log-probs of data.{split}_path failed on rank 0: {failure[0]}")
         result.paths[split] = reference_logps_path(dataset.prefix)
         result.counts[split] = expected
         result.seconds[split] = time.perf_counter() - t0

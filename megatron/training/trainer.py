@@ -77,29 +77,39 @@ def starting_point(cfg: Config):
     seeded init). A resumed run rebuilds its reference from `init_from`, as does tools/precompute_reference.py.
     """
     resume_dir = ckpt.find_resume_dir(cfg)
-    full_resume = resume_dir is not None and ckpt.has_training_state(resume_dir) and cfg.checkpoint.load_optimizer
+    own = resume_dir is not None and ckpt.is_own_checkpoint(cfg, resume_dir)
+    # Our own checkpoints always resume in full; `checkpoint.load_optimizer: false` applies to a new starting
+    # point (e.g. DPO from an SFT run: its weights, but a fresh optimizer, step 0 and that model as reference).
+    full_resume = (resume_dir is not None and ckpt.has_training_state(resume_dir)
+                   and (own or cfg.checkpoint.load_optimizer))
     if resume_dir is not None:
-        ckpt.check_compatible(resume_dir, cfg)
+        ckpt.check_compatible(resume_dir, cfg, weights_only=not full_resume)
     init_from = ckpt.read_meta(resume_dir).get("init_from") if full_resume else resume_dir
     return resume_dir, full_resume, init_from
 
 
 def load_weights_into(model: torch.nn.Module, tag_dir: str, cfg: Config, ps) -> None:
-    """Load canonical weights from any tensor/pipeline layout, re-sharded to this rank's layout."""
+    """Load canonical weights from any tensor/pipeline layout, re-sharded to this rank's layout.
+
+    A head the checkpoint lacks (a value head on an SFT model) keeps its seeded initialisation; a head the
+    model lacks (the SFT model's lm_head) is ignored. Every other tensor must be present with its shape.
+    """
     from .weights_io import read_weights, split_tp
 
-    full, _meta, _saved_cfg = read_weights(tag_dir)
+    full, _meta, saved_cfg = read_weights(tag_dir)
     own = model.state_dict()
-    shard = split_tp(full, cfg, ps.tp_size)[ps.tp_rank]
-    missing = sorted(set(own) - set(shard))
+    shard = split_tp(full, saved_cfg, ps.tp_size)[ps.tp_rank]
+    fresh_head = sorted(k for k in set(own) - set(shard) if k.startswith("value_head."))
+    missing = sorted(set(own) - set(shard) - set(fresh_head))
     if missing:
         raise ckpt.CheckpointError(f"{tag_dir} lacks weights for: {', '.join(missing[:8])}"
                                    + (" ..." if len(missing) > 8 else ""))
     for key, value in own.items():
-        if shard[key].shape != value.shape:
+        if key in shard and shard[key].shape != value.shape:
             raise ckpt.CheckpointError(f"{tag_dir}: tensor '{key}' has shape {tuple(shard[key].shape)} in the "
                                        f"checkpoint but {tuple(value.shape)} in the model")
-    model.load_state_dict({k: shard[k] for k in own}, strict=True)
+    state = {k: (shard[k] if k in shard else own[k]) for k in own}
+    model.load_state_dict(state, strict=True)
 
 
 def build_reference(cfg: Config, ps, policy_init: torch.nn.Module, device, ds_module) -> Optional[torch.nn.Module]:

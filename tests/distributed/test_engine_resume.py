@@ -89,3 +89,47 @@ def test_clear_errors(tmp_path):
     (ckpt / "latest").write_text("step_00\x00garbage")
     msg = run_distributed(_expect_error, 1, str(tmp_path / "e3"), [f"checkpoint.load={ckpt}"])[0]
     assert "is corrupt" in msg and "step_0000002" in msg and os.path.join(str(ckpt), "latest") in msg
+
+
+def _stages(rank, world_size, root):
+    """SFT, then RM and DPO starting from it; then a restarted DPO run resuming its own checkpoint."""
+    import torch
+
+    from megatron.testing.configs import tiny_test_config
+    from megatron.training.checkpointing import canonical_state_dict
+    from megatron.training.trainer import Hooks, run_training
+    from megatron.training.weights_io import read_weights
+
+    sft_ckpt = f"{root}/sft_ckpt"
+    run_training(tiny_test_config(f"{root}/sft", "sft", world_size, [f"checkpoint.save={sft_ckpt}"], iters=2))
+    sft_full, _, _ = read_weights(sft_ckpt)
+    out = {}
+    start = ["checkpoint.load_optimizer=false", f"checkpoint.load={sft_ckpt}"]
+    rm = run_training(tiny_test_config(f"{root}/rm", "rm", world_size, start + [f"checkpoint.save={root}/rm_ckpt"],
+                                       iters=2))
+    rm_full, _, _ = read_weights(f"{root}/rm_ckpt")
+    out["rm_steps"] = [r["step"] for r in rm.history]
+    out["rm_has_value_head"] = "value_head.weight" in rm_full and "lm_head.weight" not in rm_full
+    # The trunk trained from the SFT weights: equal shapes, values moved by two small steps only.
+    out["rm_trunk_close"] = float((rm_full["blocks.0.mlp.fc1.weight"] - sft_full["blocks.0.mlp.fc1.weight"]).abs().max())
+    dpo_args = start + [f"checkpoint.save={root}/dpo_ckpt", "checkpoint.interval=1"]
+    first = run_training(tiny_test_config(f"{root}/dpo", "dpo", world_size, dpo_args, iters=4),
+                         Hooks(after_step=lambda s: s == 2))
+    # At step 1 the policy equals its reference (both the SFT weights): DPO's loss is exactly log 2.
+    out["dpo_first_loss"] = first.history[0]["loss"]
+    out["dpo_steps"] = [r["step"] for r in first.history]
+    rest = run_training(tiny_test_config(f"{root}/dpo", "dpo", world_size, dpo_args, iters=4))
+    out["dpo_resumed_steps"] = [r["step"] for r in rest.history]
+    return out
+
+
+def test_new_stage_starts_from_weights_and_restart_resumes_own_checkpoint(tmp_path):
+    import math
+
+    out = run_distributed(_stages, 1, str(tmp_path))[0]
+    assert out["rm_steps"] == [1, 2] and out["rm_has_value_head"]
+    assert 0 < out["rm_trunk_close"] < 0.05
+    assert out["dpo_steps"] == [1, 2]
+    assert out["dpo_first_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # Restarted with the same config (checkpoint.load still set): it continues from its own step 2.
+    assert out["dpo_resumed_steps"] == [3, 4]
