@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import yaml

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict, Optional, Tuple
 
-from megatron.config import Config, ConfigError
+from megatron.config import Config
 
 FAMILIES = ("llama", "mistral", "qwen2", "gpt_neox")
 _CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gpt_neox": "GPTNeoX"}

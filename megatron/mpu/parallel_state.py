@@ -10,7 +10,7 @@ The rank layout is documented in `megatron.mpu.layout`.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, List
 
 import torch.distributed as dist
 

@@ -7,7 +7,7 @@ one. The registry dict is the package's only module-level mutable state.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Dict, Type
+from typing import Any, Callable, Dict
 
 from megatron.config import ConfigError
 

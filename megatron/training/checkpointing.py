@@ -12,13 +12,15 @@ import os
 import random
 import shutil
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron.config import Config, ConfigError, dump_config, load_dumped_config
+from megatron.config import Config, dump_config, load_dumped_config
+
+from .weights_io import CheckpointError, read_meta, resolve_tag_dir  # noqa: F401 (CheckpointError re-exported)
 
 LATEST = "latest"
 FORMAT_VERSION = 1
@@ -26,10 +28,6 @@ FORMAT_VERSION = 1
 SHAPE_KEYS = ("hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "ffn_hidden_size",
               "vocab_size", "norm", "activation", "qkv_bias", "linear_bias", "tie_embeddings",
               "parallel_residual", "rotary_pct")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the path and what to do."""
 
 
 def tag_for_step(step: int) -> str:
@@ -76,24 +74,8 @@ class TrainState:
 
 
 def read_latest(ckpt_dir: str) -> str:
-    """The tag directory `D/latest` points to, with clear errors for a missing or corrupt pointer."""
-    pointer = os.path.join(ckpt_dir, LATEST)
-    if not os.path.isdir(ckpt_dir):
-        raise CheckpointError(f"checkpoint directory not found: {ckpt_dir} (key checkpoint.load)")
-    tags = sorted(d for d in os.listdir(ckpt_dir)
-                  if os.path.isdir(os.path.join(ckpt_dir, d)) and not d.endswith(".tmp"))
-    if not os.path.exists(pointer):
-        raise CheckpointError(f"{pointer} is missing: {ckpt_dir} holds no complete checkpoint"
-                              + (f" (tag directories found: {', '.join(tags)}; write one of them into "
-                                 f"{pointer} to use it)" if tags else ""))
-    with open(pointer, "r", encoding="utf-8", errors="replace") as fh:
-        tag = fh.read().strip()
-    tag_dir = os.path.join(ckpt_dir, tag)
-    if not tag or "/" in tag or not os.path.isdir(tag_dir) or not os.path.exists(os.path.join(tag_dir, "meta.json")):
-        raise CheckpointError(
-            f"{pointer} is corrupt: it contains {tag[:80]!r}, which is not a complete checkpoint in {ckpt_dir}. "
-            f"Complete tags there: {', '.join(tags) or 'none'}; write the tag to resume from into {pointer}")
-    return tag_dir
+    """The tag directory `ckpt_dir/latest` points to (or `ckpt_dir` itself when it is a tag directory)."""
+    return resolve_tag_dir(ckpt_dir)
 
 
 def find_resume_dir(cfg: Config) -> Optional[str]:
@@ -105,10 +87,7 @@ def find_resume_dir(cfg: Config) -> Optional[str]:
     if cfg.checkpoint.save and os.path.exists(os.path.join(cfg.checkpoint.save, LATEST)):
         return read_latest(cfg.checkpoint.save)
     if cfg.checkpoint.load:
-        path = cfg.checkpoint.load
-        if os.path.exists(os.path.join(path, "meta.json")):
-            return path  # a tag directory given directly
-        return read_latest(path)
+        return read_latest(cfg.checkpoint.load)
     return None
 
 
@@ -116,16 +95,6 @@ def is_own_checkpoint(cfg: Config, tag_dir: str) -> bool:
     """True when `tag_dir` lies in this run's `checkpoint.save` (a resume, not a new starting point)."""
     return bool(cfg.checkpoint.save) and os.path.abspath(os.path.dirname(tag_dir)) == \
         os.path.abspath(cfg.checkpoint.save)
-
-
-def read_meta(tag_dir: str) -> Dict[str, Any]:
-    """meta.json of a checkpoint tag, with a clear error when it is unreadable."""
-    path = os.path.join(tag_dir, "meta.json")
-    try:
-        with open(path, "r", encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is unreadable ({exc}); the checkpoint is incomplete or corrupt") from None
 
 
 def check_compatible(tag_dir: str, cfg: Config, weights_only: bool = False) -> None:
@@ -253,8 +222,3 @@ def load_training_state(tag_dir: str, cfg: Config, ps, engine) -> TrainState:
 def has_training_state(tag_dir: str) -> bool:
     """True when the tag holds DeepSpeed engine state (a training checkpoint, not converted weights)."""
     return os.path.isdir(os.path.join(tag_dir, "deepspeed"))
-
-
-def list_tags(root: str) -> List[str]:
-    """Complete checkpoint tags under `root`, oldest first."""
-    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.endswith(".tmp"))

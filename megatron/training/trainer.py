@@ -2,7 +2,6 @@
 (`batch_kind`, `uses_value_head`, `loss(policy, reference, batch)`): it never branches on a method name."""
 from __future__ import annotations
 
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -133,9 +132,7 @@ def freeze_as_reference(cfg: Config, ps, ref: torch.nn.Module, device, ds_module
     log-probs come from exactly the model (and precision) a live reference would use.
     """
     if cfg.reference.load:
-        load_weights_into(ref, ckpt.read_latest(cfg.reference.load)
-                          if not os.path.exists(os.path.join(cfg.reference.load, "meta.json"))
-                          else cfg.reference.load, cfg, ps)
+        load_weights_into(ref, ckpt.read_latest(cfg.reference.load), cfg, ps)
     ref.requires_grad_(False)
     ref.eval()
     if cfg.parallel.zero_stage == 3:
