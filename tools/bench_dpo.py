@@ -21,10 +21,13 @@ token after TRL's own tokenisation), fp32 on both sides, no gradient checkpointi
 sampling, the same lr / clip / beta / sigmoid loss. Its step time is `on_step_begin` -> `on_step_end`
 (forward, backward, clipping, optimizer step), like ours excluding the data loader.
 
-Columns: pairs/s and tokens/s (real tokens, padding excluded) from the median step time; pad = padding
-fraction of the model's input positions; peak MB = the process's max RSS (`ru_maxrss`; on GPU
-`torch.cuda.max_memory_allocated`); +MB = that peak minus the RSS measured after the imports (the training
-working set: models, optimizer state, activations), which discounts the frameworks' different import sizes.
+Columns: pairs/s and tokens/s (real tokens, padding excluded) from the median step time ("step s"); "min s" the
+fastest timed step; "cpu s" the median process CPU time of a step (all threads); pad = padding fraction of the
+model's input positions; peak MB = the process's max RSS (`ru_maxrss`; on GPU also
+`torch.cuda.max_memory_allocated` in the JSON); +MB = that peak minus the RSS measured after the imports (the
+training working set: models, optimizer state, activations), which discounts the frameworks' different import
+sizes. On a shared machine use `--rounds N`: the variants run N times interleaved and their steps are pooled.
+Results: docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -362,14 +365,12 @@ def worker(variant: str, args) -> Dict[str, Any]:
         ok, why = trl_available()
         if not ok:
             return {"variant": variant, "skipped": f"trl is not installed or does not import ({why})"}
-        import trl  # noqa: F401  (counted in the after-imports baseline, like deepspeed for ours)
-        import deepspeed  # noqa: F401
-        rss_base = rss_mb()
-        return run_trl(variant, args, rss_base)
+    # The frameworks are imported before the after-imports RSS baseline (trl_available imported trl; the TRL
+    # worker also imports megatron and deepspeed to convert our initial weights).
     import deepspeed  # noqa: F401
     import megatron.training.trainer  # noqa: F401
     rss_base = rss_mb()
-    return run_ours(variant, args, rss_base)
+    return run_trl(variant, args, rss_base) if variant in TRL else run_ours(variant, args, rss_base)
 
 
 def _forward_args(args) -> List[str]:
@@ -424,7 +425,7 @@ def merge_rounds(rs: List[Dict[str, Any]], pairs_per_step: int) -> Dict[str, Any
 
 
 def format_table(results: Sequence[Dict[str, Any]]) -> str:
-    head = f"{'variant':<27}{'pairs/s':>9}{'tokens/s':>10}{'step s':>9}{'cpu s':>8}{'pad':>7}{'peak MB':>9}{'+MB':>8}  rows x width"
+    head = f"{'variant':<27}{'pairs/s':>9}{'tokens/s':>10}{'step s':>9}{'min s':>8}{'cpu s':>8}{'pad':>7}{'peak MB':>9}{'+MB':>8}  rows x width"
     lines = [head, "-" * len(head)]
     for r in results:
         if "pairs_per_s" not in r:
@@ -432,12 +433,13 @@ def format_table(results: Sequence[Dict[str, Any]]) -> str:
             continue
         shapes = ", ".join("x".join(map(str, s)) for s in r["batch_shapes"][:3]) + (" ..." if len(r["batch_shapes"]) > 3 else "")
         lines.append(f"{r['variant']:<27}{r['pairs_per_s']:>9.2f}{r['tokens_per_s']:>10.0f}{r['median_step_s']:>9.3f}"
-                     f"{r['median_cpu_s']:>8.2f}{r['padding_fraction']:>7.1%}{r['peak_rss_mb']:>9.0f}{r['peak_delta_mb']:>8.0f}  {shapes}")
+                     f"{min(r['step_times_s']):>8.3f}{r['median_cpu_s']:>8.2f}{r['padding_fraction']:>7.1%}{r['peak_rss_mb']:>9.0f}{r['peak_delta_mb']:>8.0f}  {shapes}")
     return "\n".join(lines)
 
 
-def ratios(results: Sequence[Dict[str, Any]]) -> List[Tuple[str, str, float, float, float, float]]:
-    """(ours, trl, pairs/s ratio (wall), speed ratio on CPU time per step, peak RSS ratio, peak-delta ratio)."""
+def ratios(results: Sequence[Dict[str, Any]]) -> List[Tuple[str, str, float, float, float, float, float]]:
+    """(ours, trl, pairs/s ratio (median wall), speed ratio on median CPU time per step, speed ratio on the fastest
+    step, peak RSS ratio, peak-delta ratio)."""
     by = {r["variant"]: r for r in results if "pairs_per_s" in r}
     out = []
     for ours, theirs in (("ours-packed-live", "trl-live"), ("ours-unpacked-live", "trl-live"),
@@ -447,6 +449,7 @@ def ratios(results: Sequence[Dict[str, Any]]) -> List[Tuple[str, str, float, flo
         if ours in by and theirs in by:
             a, b = by[ours], by[theirs]
             out.append((ours, theirs, a["pairs_per_s"] / b["pairs_per_s"], b["median_cpu_s"] / a["median_cpu_s"],
+                        min(b["step_times_s"]) / min(a["step_times_s"]),
                         a["peak_rss_mb"] / b["peak_rss_mb"], a["peak_delta_mb"] / max(b["peak_delta_mb"], 1e-9)))
     return out
 
@@ -525,9 +528,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_table(results))
     rs = ratios(results)
     if rs:
-        print(f"\n{'ours / TRL':<45}{'pairs/s':>9}{'(cpu)':>8}{'peak':>7}{'+MB':>7}")
-        for a, b, pr, cr, mr, dr in rs:
-            print(f"  {a + ' / ' + b:<43}{pr:>8.2f}x{cr:>7.2f}x{mr:>6.2f}x{dr:>6.2f}x")
+        print(f"\n{'ours / TRL (speed: higher is better; memory: lower)':<53}{'pairs/s':>8}{'cpu':>7}{'min':>7}"
+              f"{'peak':>7}{'+MB':>7}")
+        for a, b, pr, cr, br, mr, dr in rs:
+            print(f"  {a + ' / ' + b:<51}{pr:>7.2f}x{cr:>6.2f}x{br:>6.2f}x{mr:>6.2f}x{dr:>6.2f}x")
     by = {r["variant"]: r for r in results}
     lc = [(v, by[v].get("first_logps_chosen")) for v in variants if by.get(v, {}).get("first_logps_chosen") is not None]
     if lc:

@@ -74,9 +74,10 @@ def test_table_and_ratios():
     rows = [dict(fake, variant="ours-packed-live"),
             dict(fake, variant="trl-live", pairs_per_s=1.0, median_cpu_s=16.0, peak_rss_mb=2000.0, peak_delta_mb=1000.0),
             {"variant": "trl-precomputed", "skipped": "trl not available"}]
+    rows[0]["step_times_s"], rows[1]["step_times_s"] = [1.0, 3.0], [4.0, 5.0]
     text = B.format_table(rows)
     assert "ours-packed-live" in text and "trl not available" in text
-    assert B.ratios(rows) == [("ours-packed-live", "trl-live", 2.0, 2.0, 0.5, 0.5)]
+    assert B.ratios(rows) == [("ours-packed-live", "trl-live", 2.0, 2.0, 4.0, 0.5, 0.5)]
 
 
 @pytest.mark.slow
