@@ -15,16 +15,14 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], ps) -> float:
     partial sums are added over the tensor and pipeline groups. Gradients must already be reduced over
     the data-parallel group (true at an accumulation boundary, after `engine.backward`).
     """
-    total = None
-    for p in params:
-        if p.grad is None:
-            continue
-        if total is None:  # on the gradients' device, so NCCL can reduce it
-            total = torch.zeros(1, dtype=torch.float64, device=p.grad.device)
-        if getattr(p, "tensor_model_parallel", False) or ps.tp_rank == 0:
-            total += p.grad.detach().double().pow(2).sum()
-    if total is None:
-        total = torch.zeros(1, dtype=torch.float64)
+    # Per-tensor norms in fp32 (no float64 copy of every gradient), squared and summed in float64.
+    norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32) for p in params
+             if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or ps.tp_rank == 0)]
+    if norms:  # on the gradients' device, so NCCL can reduce it
+        total = torch.stack(norms).double().pow(2).sum().reshape(1)
+    else:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        total = torch.zeros(1, dtype=torch.float64, device=device)
     if dist.is_initialized():
         for size, group in ((ps.tp_size, ps.tp_group), (ps.pp_size, ps.pp_group)):
             if size > 1:
