@@ -12,7 +12,8 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Optional, Sequence
+import sys
+from typing import Callable, Optional, Sequence
 
 import torch
 import yaml
@@ -179,3 +180,16 @@ def reshard_checkpoint(ckpt: str, out: str, tp: int, pp: int, tag: Optional[str]
     if os.path.isfile(os.path.join(root, "model.yaml")) or os.path.isdir(os.path.join(root, "hf")):
         write_model_yaml(cfg, os.path.join(out, "model.yaml"))
     return new_dir
+
+
+def run_cli(action: Callable[[], str]) -> int:
+    """Run one conversion for a `tools/ckpts` script: print its summary line and return exit code 0, or
+    print a bad input (ConversionError, ConfigError: both ValueErrors; CheckpointError) as one line, exit 1."""
+    try:
+        summary = action()
+    except (ValueError, wio.CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(summary)
+    return 0
+

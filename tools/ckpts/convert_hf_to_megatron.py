@@ -20,10 +20,8 @@ if _REPO not in sys.path:  # run as `python tools/ckpts/<script>.py` from anywhe
 
 def main(argv: Optional[List[str]] = None) -> int:
     """CLI entry point; returns the process exit code (errors are printed, not raised)."""
-    from megatron.config import ConfigError
-    from megatron.interop.convert import DTYPES, hf_to_megatron
-    from megatron.interop.hf_config import ConversionError, SUPPORTED_ARCHITECTURES
-    from megatron.training.weights_io import CheckpointError
+    from megatron.interop.convert import DTYPES, hf_to_megatron, run_cli
+    from megatron.interop.hf_config import SUPPORTED_ARCHITECTURES
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="supported architectures: " + ", ".join(SUPPORTED_ARCHITECTURES))
@@ -34,13 +32,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                     help="training precision recorded in config.yaml; weights are stored fp32")
     args = ap.parse_args(argv)
-    try:
-        tag_dir = hf_to_megatron(args.hf_dir, args.out, args.tp, args.pp, args.dtype)
-    except (ConversionError, ConfigError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {tag_dir} (tensor={args.tp}, pipeline={args.pp}); model yaml: {os.path.join(args.out, 'model.yaml')}")
-    return 0
+    return run_cli(lambda: f"wrote {hf_to_megatron(args.hf_dir, args.out, args.tp, args.pp, args.dtype)} "
+                           f"(tensor={args.tp}, pipeline={args.pp}); model yaml: {os.path.join(args.out, 'model.yaml')}")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,8 @@ if _REPO not in sys.path:  # run as `python tools/ckpts/<script>.py` from anywhe
 
 def main(argv: Optional[List[str]] = None) -> int:
     """CLI entry point; returns the process exit code (errors are printed, not raised)."""
-    from megatron.config import ConfigError
-    from megatron.interop.convert import DTYPES, megatron_to_hf
-    from megatron.interop.hf_config import FAMILIES, ConversionError
-    from megatron.training.weights_io import CheckpointError
+    from megatron.interop.convert import DTYPES, megatron_to_hf, run_cli
+    from megatron.interop.hf_config import FAMILIES
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="checkpoint dir (follows `latest`) or a tag dir")
@@ -35,13 +33,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--drop-value-bias", action="store_true",
                     help="export a reward model whose value-head bias is non-zero, dropping the bias")
     args = ap.parse_args(argv)
-    try:
-        out = megatron_to_hf(args.ckpt, args.out, args.tag, args.architecture, args.dtype, args.drop_value_bias)
-    except (ConversionError, ConfigError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
+    return run_cli(lambda: "wrote " + megatron_to_hf(args.ckpt, args.out, args.tag, args.architecture, args.dtype,
+                                                      args.drop_value_bias))
 
 
 if __name__ == "__main__":

@@ -17,10 +17,7 @@ if _REPO not in sys.path:  # run as `python tools/ckpts/<script>.py` from anywhe
 
 def main(argv: Optional[List[str]] = None) -> int:
     """CLI entry point; returns the process exit code (errors are printed, not raised)."""
-    from megatron.config import ConfigError
-    from megatron.interop.convert import reshard_checkpoint
-    from megatron.interop.hf_config import ConversionError
-    from megatron.training.weights_io import CheckpointError
+    from megatron.interop.convert import reshard_checkpoint, run_cli
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="source checkpoint dir (follows `latest`) or a tag dir")
@@ -37,13 +34,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             bps = [int(x) for x in args.blocks_per_stage.split(",")]
         except ValueError:
             ap.error(f"--blocks-per-stage {args.blocks_per_stage!r}: expected integers like 3,2")
-    try:
-        tag_dir = reshard_checkpoint(args.ckpt, args.out, args.tp, args.pp, args.tag, bps)
-    except (ConversionError, ConfigError, CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {tag_dir} (tensor={args.tp}, pipeline={args.pp})")
-    return 0
+    return run_cli(lambda: f"wrote {reshard_checkpoint(args.ckpt, args.out, args.tp, args.pp, args.tag, bps)} "
+                           f"(tensor={args.tp}, pipeline={args.pp})")
 
 
 if __name__ == "__main__":
