@@ -19,7 +19,7 @@ def main(argv=None) -> int:
 
     from megatron.config import ConfigError, load_config
     from megatron.training.checkpointing import CheckpointError
-    from megatron.training.distributed import world_size_from_env
+    from megatron.training.distributed import shutdown_distributed, world_size_from_env
     from megatron.training.trainer import run_training
 
     try:
@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        shutdown_distributed()
     print(f"finished at step {result.step}" + (" (stopped by SIGTERM)" if result.stopped_by_signal else ""),
           file=sys.stderr)
     return 0

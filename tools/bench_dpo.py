@@ -491,7 +491,11 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        res = worker(args.worker, args)
+        try:
+            res = worker(args.worker, args)
+        finally:
+            from megatron.training.distributed import shutdown_distributed
+            shutdown_distributed()
         with open(args.result, "w") as f:
             json.dump(res, f)
         return 0

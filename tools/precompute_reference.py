@@ -28,7 +28,7 @@ def main(argv=None) -> int:
 
     from megatron.config import ConfigError, load_config
     from megatron.training.checkpointing import CheckpointError
-    from megatron.training.distributed import world_size_from_env
+    from megatron.training.distributed import shutdown_distributed, world_size_from_env
     from megatron.training.precompute import precompute_reference
 
     try:
@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        shutdown_distributed()
     return 0
 
 

@@ -72,3 +72,12 @@ def world_size_from_env(env: Optional[Mapping[str, str]] = None) -> int:
     merged = dict(env)
     merged.update(launcher_env(env))
     return int(merged.get("WORLD_SIZE", "1"))
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group before interpreter exit; gloo's C++ threads may otherwise abort the
+    process at exit ("terminate called without an active exception"), turning a finished run into a crash."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
