@@ -24,12 +24,13 @@ def parse(argv):
 
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    from megatron.config import ConfigError, load_config
+    from megatron.config import ConfigError
+    from megatron.engines.run_config import load_run_config
     from megatron.training.launcher import runner_args, world_size_for
 
     try:
-        pre = load_config(args.configs, args.overrides, validate=False)
-        cfg = load_config(args.configs, args.overrides, world_size=world_size_for(pre))
+        pre = load_run_config(args.configs, args.overrides, validate=False)
+        cfg = load_run_config(args.configs, args.overrides, world_size=world_size_for(pre))
         user_args = list(args.configs) + [a for o in args.overrides for a in ("--set", o)]
         ds_args = runner_args(cfg, args.script, user_args)
     except ConfigError as exc:

@@ -17,13 +17,14 @@ def main(argv=None) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
-    from megatron.config import ConfigError, load_config
-    from megatron.training.checkpointing import CheckpointError
-    from megatron.training.distributed import shutdown_distributed, world_size_from_env
+    from megatron.config import ConfigError
+    from megatron.engines.run_config import load_run_config
+    from megatron.checkpoint.checkpointing import CheckpointError
+    from megatron.mpu.distributed import shutdown_distributed, world_size_from_env
     from megatron.training.trainer import run_training
 
     try:
-        cfg = load_config(args.configs, args.overrides, world_size=world_size_from_env())
+        cfg = load_run_config(args.configs, args.overrides, world_size=world_size_from_env())
         result = run_training(cfg)
     except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)

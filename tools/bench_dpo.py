@@ -126,7 +126,7 @@ def to_examples(pairs: Sequence[Dict[str, List[int]]], ref_logps: Optional[Seque
 
 def model_config(args, pack: bool, reference: str):
     """Our validated Config for the benchmark shape (fp32, ZeRO 0, 1 process, one micro-batch per step)."""
-    from megatron.config import load_config
+    from megatron.engines.run_config import load_run_config
 
     sets = [
         "model.arch=llama", f"model.hidden_size={args.hidden_size}", f"model.num_layers={args.num_layers}",
@@ -143,7 +143,7 @@ def model_config(args, pack: bool, reference: str):
     ]
     if args.ffn_hidden_size:
         sets.append(f"model.ffn_hidden_size={args.ffn_hidden_size}")
-    return load_config([], sets, world_size=1)
+    return load_run_config([], sets, world_size=1)
 
 
 def free_port() -> int:
@@ -187,12 +187,12 @@ def run_ours(variant: str, args, rss_base: float) -> Dict[str, Any]:
     from megatron.data import collate
     from megatron.mpu import initialize_parallel
     from megatron.objectives import build_objective
-    from megatron.training.deepspeed_config import build_deepspeed_config
-    from megatron.training.distributed import init_distributed
-    from megatron.training.forward import batch_to, forward_stats
-    from megatron.training.schedules import lambda_lr_factory
-    from megatron.training.trainer import (_step_micro_batches, build_policy, build_reference, device_for_rank,
-                                           param_groups)
+    from megatron.engines.deepspeed_config import build_deepspeed_config
+    from megatron.mpu.distributed import init_distributed
+    from megatron.engines.forward import batch_to, forward_stats
+    from megatron.engines.schedules import lambda_lr_factory
+    from megatron.engines.build import build_policy, build_reference, device_for_rank, param_groups
+    from megatron.training.trainer import _step_micro_batches
 
     pack = "-packed-" in variant
     reference = "live" if variant.endswith("-live") else "precomputed"
@@ -273,7 +273,7 @@ def save_hf_model(args, out_dir: str) -> None:
     from megatron.interop.hf_config import model_to_hf_config
     from megatron.interop.hf_mapping import canonical_to_hf
     from megatron.mpu import ParallelState
-    from megatron.training.trainer import build_policy
+    from megatron.engines.build import build_policy
 
     cfg = model_config(args, True, "live")
     ours = build_policy(cfg, ParallelState.single(), None)
@@ -494,7 +494,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             res = worker(args.worker, args)
         finally:
-            from megatron.training.distributed import shutdown_distributed
+            from megatron.mpu.distributed import shutdown_distributed
             shutdown_distributed()
         with open(args.result, "w") as f:
             json.dump(res, f)

@@ -121,23 +121,10 @@ def derive_and_validate(cfg: Config, world_size: Optional[int] = None) -> Config
             f"data_parallel = {t.micro_batch_size} * {dp} = {t.micro_batch_size * dp} "
             f"(data_parallel = world {world} / (tensor {p.tensor} * pipeline {p.pipeline}))")
 
-    # Objective-dependent checks live with the objectives; import lazily to keep config standalone.
+    # Objective-dependent checks (the reference an objective needs, its own keys) live with the objectives
+    # (megatron.objectives.resolve_objective), one floor up: config never imports them. Until they run,
+    # reference.mode 'auto' stays 'auto' in derived.reference_mode.
     ref_mode = cfg.reference.mode
-    try:
-        from megatron.objectives import get_objective_class
-    except ImportError:
-        get_objective_class = None
-    if get_objective_class is not None:
-        obj_cls = get_objective_class(cfg.objective.name)
-        needs_ref = obj_cls.needs_reference(cfg.objective)
-        if ref_mode == "auto":
-            ref_mode = "live" if needs_ref else "none"
-        if needs_ref and ref_mode == "none":
-            raise ConfigError(f"objective '{cfg.objective.name}' needs a reference policy but reference.mode=none; "
-                              "set reference.mode to live or precomputed, or objective.reference_free=true")
-        obj_cls.validate(cfg)
-    elif ref_mode == "auto":
-        ref_mode = "none"
 
     d = cfg.derived
     d.world_size = world

@@ -179,7 +179,8 @@ class Derived:
     num_kv_heads: int = 0
     ffn_hidden_size: int = 0
     head_dim: int = 0
-    reference_mode: str = "none"
+    reference_mode: str = "none"   # live|precomputed|none, from the objective (megatron.objectives.resolve)
+    data_kind: str = "auto"        # sft|pairwise|unpaired: what the objective consumes (auto until resolved)
 
 
 @dataclass

@@ -21,17 +21,12 @@ from .sampler import MicroBatchSampler
 from .settings import preprocess_settings
 from .sources import detect_format, indexed_prefix
 
-# objective batch_kind -> data kind (objectives declare batch_kind single | pairwise | unpaired)
-_BATCH_KIND_TO_DATA = {"single": "sft", "pairwise": "pairwise", "unpaired": "unpaired"}
-
 
 def _objective_data_kind(cfg) -> Optional[str]:
-    """The data kind the configured objective consumes, when the objectives package can say."""
-    try:
-        from megatron.objectives import get_objective_class
-        return _BATCH_KIND_TO_DATA.get(getattr(get_objective_class(cfg.objective.name), "batch_kind", None))
-    except (ImportError, AttributeError, KeyError, ValueError):
-        return None
+    """The data kind the configured objective consumes (`derived.data_kind`, filled by
+    megatron.objectives.resolve_objective), or None when the objective has not been resolved."""
+    kind = getattr(cfg.derived, "data_kind", "auto")
+    return None if kind == "auto" else kind
 
 
 def open_dataset(cfg, tokenizer, split: str = "train", is_builder: bool = True,

@@ -20,7 +20,7 @@ import yaml
 
 from megatron.config import Config, ConfigError, config_from_dict
 from megatron.config.derive import derive_and_validate
-from megatron.training import weights_io as wio
+from megatron.checkpoint import weights_io as wio
 
 from .hf_config import ConversionError, architecture_of, family_for_export, hf_to_model_fields, model_to_hf_config
 from .hf_files import copy_tokenizer, load_hf_state_dict, save_hf_state_dict

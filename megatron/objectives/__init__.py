@@ -7,6 +7,7 @@ Importing this package registers every objective. The training loop builds one w
 from .registry import build_objective, get_objective_class, register_objective, registered_objectives
 from .stats import SequenceStats, num_sequences, precomputed_reference, sequence_stats, token_counts
 from .base import Objective
+from .resolve import resolve_objective
 from . import sft, reward, dpo, simpo, orpo, kto  # noqa: F401  (registers the objectives)
 from .sft import SFTObjective
 from .reward import RewardModelObjective
@@ -18,6 +19,6 @@ from .kto import KTOObjective, kto_class_weight_warning
 __all__ = [
     "build_objective", "get_objective_class", "register_objective", "registered_objectives",
     "SequenceStats", "num_sequences", "precomputed_reference", "sequence_stats", "token_counts",
-    "Objective", "SFTObjective", "RewardModelObjective", "DPOObjective", "DPO_LOSS_TYPES", "dpo_losses",
+    "Objective", "resolve_objective", "SFTObjective", "RewardModelObjective", "DPOObjective", "DPO_LOSS_TYPES", "dpo_losses",
     "SimPOObjective", "ORPOObjective", "KTOObjective", "kto_class_weight_warning",
 ]

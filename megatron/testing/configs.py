@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from megatron.config import Config, load_config
+from megatron.config import Config
+from megatron.engines.run_config import load_run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "configs", "tiny")
@@ -41,4 +42,4 @@ def tiny_test_config(workdir: str, objective: str = "sft", world_size: int = 1,
         "optimizer.lr=1.0e-3",
         f"launcher.num_gpus={world_size}",
     ] + list(overrides)
-    return load_config(base, sets, world_size=world_size)
+    return load_run_config(base, sets, world_size=world_size)

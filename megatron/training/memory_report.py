@@ -24,7 +24,7 @@ from . import memory_formulas as mf
 
 def _stage_params(cfg: Config, bps: List[int]) -> List[int]:
     """Parameters of one tensor rank on each pipeline stage (a tied embedding counts on both ends)."""
-    from .weights_io import canonical_shapes, stages_of_key
+    from megatron.checkpoint.weights_io import canonical_shapes, stages_of_key
 
     tied = cfg.model.tie_embeddings and not cfg.model.value_head
     out = [0] * len(bps)
@@ -51,7 +51,7 @@ def memory_report(cfg: Config) -> Dict[str, Any]:
     """The memory estimate of every rank of `cfg` (validated: cfg.derived filled)."""
     from megatron.mpu.layout import make_layout
 
-    from .pipeline_partition import blocks_per_stage
+    from megatron.engines.pipeline_partition import blocks_per_stage
 
     m, p, d = cfg.model, cfg.parallel, cfg.derived
     tp, pp, dp = p.tensor, p.pipeline, d.data_parallel
@@ -105,7 +105,7 @@ def memory_report(cfg: Config) -> Dict[str, Any]:
 
 
 def _total_params(cfg: Config) -> int:
-    from .weights_io import canonical_shapes
+    from megatron.checkpoint.weights_io import canonical_shapes
 
     total = 0
     for shape in canonical_shapes(cfg, 1).values():
@@ -161,7 +161,8 @@ def write_memory_report(cfg: Config, report: Optional[Dict[str, Any]] = None, pa
 
 def main(argv: Optional[List[str]] = None) -> int:
     """CLI: print the per-stage table for a config at a world size (and optionally write the JSON)."""
-    from megatron.config import ConfigError, load_config
+    from megatron.config import ConfigError
+    from megatron.engines.run_config import load_run_config
 
     ap = argparse.ArgumentParser(prog="python -m megatron.training.memory_report", description=__doc__.split("\n")[0])
     ap.add_argument("configs", nargs="+", help="YAML config files, merged in order")
@@ -171,7 +172,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--json", help="also write the full report here")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.configs, args.overrides, world_size=args.world_size)
+        cfg = load_run_config(args.configs, args.overrides, world_size=args.world_size)
         report = memory_report(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -63,7 +63,7 @@ def test_resume_after_save_killed_half_way(tmp_path):
 def _expect_error(rank, world_size, workdir, overrides):
     from megatron.config import ConfigError
     from megatron.testing.configs import tiny_test_config
-    from megatron.training.checkpointing import CheckpointError
+    from megatron.checkpoint.checkpointing import CheckpointError
     from megatron.training.trainer import run_training
 
     try:
@@ -96,9 +96,9 @@ def _stages(rank, world_size, root):
     import torch
 
     from megatron.testing.configs import tiny_test_config
-    from megatron.training.checkpointing import canonical_state_dict
+    from megatron.checkpoint.checkpointing import canonical_state_dict
     from megatron.training.trainer import Hooks, run_training
-    from megatron.training.weights_io import read_weights
+    from megatron.checkpoint.weights_io import read_weights
 
     sft_ckpt = f"{root}/sft_ckpt"
     run_training(tiny_test_config(f"{root}/sft", "sft", world_size, [f"checkpoint.save={sft_ckpt}"], iters=2))

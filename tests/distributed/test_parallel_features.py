@@ -114,7 +114,7 @@ def test_dropout_is_active(losses):
 
 def test_pipeline_partition_methods():
     from megatron.config import ConfigError
-    from megatron.training.pipeline_partition import blocks_per_stage, spec_parameter_counts, stage_boundaries
+    from megatron.engines.pipeline_partition import blocks_per_stage, spec_parameter_counts, stage_boundaries
 
     def split(layers, pp, method):
         return blocks_per_stage(_cfg(pp, [f"model.num_layers={layers}", f"parallel.pipeline={pp}",

@@ -72,7 +72,7 @@ def _plan(root, side):
 
 def _run_plan(rank, world_size, root, side):
     from megatron.testing.configs import tiny_test_config
-    from megatron.training.precompute import precompute_reference
+    from megatron.engines.precompute import precompute_reference
     from megatron.training.trainer import run_training
 
     out = {}
@@ -154,7 +154,7 @@ def test_pipeline_resume_continues_exactly(runs):
 
 @pytest.mark.parametrize("name", ["sft", "tied"])
 def test_pipeline_checkpoint_merges_to_canonical_weights(runs, name):
-    from megatron.training.weights_io import read_weights, resolve_tag_dir
+    from megatron.checkpoint.weights_io import read_weights, resolve_tag_dir
 
     root, single, _, _ = runs
     tag = "step_0000003" if name == "sft" else None

@@ -38,7 +38,7 @@ def _overrides(workdir, objective, mode):
 
 def _live_vs_precomputed(rank, world_size, workdir, objective):
     from megatron.testing.configs import tiny_test_config
-    from megatron.training.precompute import precompute_reference
+    from megatron.engines.precompute import precompute_reference
     from megatron.training.trainer import run_training
 
     live = run_training(tiny_test_config(f"{workdir}/live", objective, world_size,
@@ -69,7 +69,7 @@ def test_precomputed_equals_live(tmp_path, objective):
 
 def _precompute(rank, world_size, workdir, runs):
     from megatron.testing.configs import tiny_test_config
-    from megatron.training.precompute import precompute_reference
+    from megatron.engines.precompute import precompute_reference
 
     out = []
     for name, objective, overrides in runs:
@@ -125,7 +125,7 @@ def test_two_ranks_write_the_same_values_as_one(tmp_path):
 def _train_expecting_errors(rank, world_size, workdir):
     from megatron.config import ConfigError
     from megatron.testing.configs import tiny_test_config
-    from megatron.training.precompute import precompute_reference
+    from megatron.engines.precompute import precompute_reference
     from megatron.training.trainer import run_training
 
     def error_of(cfg):

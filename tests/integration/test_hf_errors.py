@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from megatron.config import load_config
 from megatron.interop.convert import hf_to_megatron, megatron_to_hf, reshard_checkpoint
 from megatron.interop.hf_config import ConversionError
-from megatron.training import weights_io as wio
+from megatron.checkpoint import weights_io as wio
 from tests.integration.test_hf_logits import make_hf
 from tests.integration.test_hf_roundtrip import load_script
 

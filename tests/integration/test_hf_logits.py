@@ -14,7 +14,7 @@ from megatron.interop.convert import hf_to_megatron
 from megatron.model import GPTModel
 from megatron.mpu import ParallelState
 from megatron.testing.distributed import run_distributed
-from megatron.training import weights_io as wio
+from megatron.checkpoint import weights_io as wio
 
 VOCAB = 200
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -14,7 +14,7 @@ from megatron.interop.convert import hf_to_megatron, megatron_to_hf
 from megatron.interop.hf_config import ConversionError
 from megatron.model import GPTModel
 from megatron.mpu import ParallelState
-from megatron.training import weights_io as wio
+from megatron.checkpoint import weights_io as wio
 from tests.integration.test_hf_logits import make_hf, our_forward, randomize, tokens
 
 _ARCH_MODEL = {

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatron.interop.convert import hf_to_megatron, megatron_to_hf
-from megatron.training import weights_io as wio
+from megatron.checkpoint import weights_io as wio
 from tests.integration.test_hf_logits import CASES, make_hf, tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -10,7 +10,7 @@ import torch
 
 from megatron.interop.convert import megatron_to_hf
 from megatron.testing.distributed import run_distributed
-from megatron.training import weights_io as wio
+from megatron.checkpoint import weights_io as wio
 from tests.integration.test_hf_logits import our_forward
 
 

@@ -68,7 +68,7 @@ def _scores(model, dataset, cfg, ps, reward):
     import torch
 
     from megatron.data import iterate_all
-    from megatron.training.forward import forward_stats
+    from megatron.engines.forward import forward_stats
 
     out = []
     for batch in iterate_all(dataset, MICRO_BATCH, cfg.data.pack, cfg.model.max_seq_len):
@@ -90,8 +90,9 @@ def _learn_all(rank, world_size, workdir):
     from megatron.data import load_tokenizer, open_dataset
     from megatron.mpu import ParallelState
     from megatron.testing.configs import tiny_test_config
-    from megatron.training.checkpointing import read_latest
-    from megatron.training.trainer import build_policy, run_training
+    from megatron.checkpoint.checkpointing import read_latest
+    from megatron.engines.build import build_policy
+    from megatron.training.trainer import run_training
 
     ps = ParallelState.single()
     kto_data = _unpaired_from_pairs(os.path.join(workdir, "kto_from_pairs.jsonl"))

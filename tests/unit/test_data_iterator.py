@@ -14,6 +14,7 @@ from megatron.config import ConfigError
 from megatron.data import (BadRecordError, HFTokenizer, build_data_iterator, dataset_stats, iterate_all,
                            open_dataset, reference_sequence_count, read_meta, sequence_ids_of_batch,
                            write_reference_logps)
+from megatron.objectives import resolve_objective
 from tests.unit.test_data_common import TINY, TOKENIZER, make_cfg
 
 FILES = {"sft": "sft_valid.jsonl", "pairwise": "pairwise_valid.jsonl", "unpaired": "unpaired_valid.jsonl"}
@@ -194,7 +195,9 @@ def test_config_errors_name_the_key(tok, tmp_path):
     with pytest.raises(ConfigError, match="data.train_path"):
         build_data_iterator(make_cfg(tmp_path), 0, 1, tok, **quiet())
     with pytest.raises(ConfigError, match="objective 'sft' needs sft data"):
-        build_data_iterator(make_cfg(tmp_path, f"data.train_path={TINY}/pairwise_valid.jsonl"), 0, 1, tok, **quiet())
+        # The objective's data kind is known once the objective has resolved the config (entry points do this).
+        build_data_iterator(resolve_objective(make_cfg(tmp_path, f"data.train_path={TINY}/pairwise_valid.jsonl")),
+                            0, 1, tok, **quiet())
     with pytest.raises(ConfigError, match="data.max_prompt_len"):
         build_data_iterator(cfg_for(tmp_path, "sft", "data.max_prompt_len=128"), 0, 1, tok, **quiet())
     with pytest.raises(ConfigError, match="data.kind"):

@@ -2,7 +2,7 @@
 import pytest
 
 from megatron.config import ConfigError, load_config
-from megatron.training.distributed import _first_slurm_host, launcher_env
+from megatron.mpu.distributed import _first_slurm_host, launcher_env
 from megatron.training.launcher import runner_args, world_size_for
 
 

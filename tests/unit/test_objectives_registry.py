@@ -1,7 +1,8 @@
 """Registry lookups, config validation through load_config, reference needs, the KTO weight warning."""
 import pytest
 
-from megatron.config import ConfigError, load_config
+from megatron.config import ConfigError
+from megatron.engines.run_config import load_run_config as load_config
 from megatron.config.schema import ObjectiveConfig
 from megatron.objectives import (KTOObjective, Objective, build_objective, get_objective_class,
                                  kto_class_weight_warning, register_objective, registered_objectives)

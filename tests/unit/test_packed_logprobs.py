@@ -7,7 +7,7 @@ from megatron.data import collate, load_tokenizer, open_dataset
 from megatron.model import GPTModel
 from megatron.mpu import ParallelState
 from megatron.testing.configs import tiny_test_config
-from megatron.training.forward import forward_stats
+from megatron.engines.forward import forward_stats
 
 
 @pytest.mark.parametrize("objective", ["sft", "dpo", "kto", "rm"])

@@ -10,7 +10,7 @@ import torch
 from megatron.config import load_config
 from megatron.model import GPTModel
 from megatron.mpu import ParallelState
-from megatron.training import weights_io as wio
+from megatron.checkpoint import weights_io as wio
 
 
 def _cfg(tp=1, pp=1, **model):

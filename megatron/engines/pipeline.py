@@ -76,7 +76,7 @@ def build_pipeline_engines(cfg: Config, ps, init_from: Optional[str], ds_module)
     """
     from .pipeline_engine import MegatronPipelineEngine  # these import deepspeed
     from .pipeline_module import build_pipeline_module, load_weights_into_stage
-    from .trainer import param_groups
+    from .build import param_groups
 
     module = build_pipeline_module(cfg, ps)
     if init_from is not None:

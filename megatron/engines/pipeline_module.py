@@ -111,8 +111,8 @@ def build_pipeline_module(cfg: Config, ps, loss_fn=None,
 
 def load_weights_into_stage(module: StagedPipelineModule, tag_dir: str, cfg: Config, ps) -> None:
     """Load canonical weights of any tensor/pipeline layout from `tag_dir` into this rank's stage."""
-    from .checkpointing import CheckpointError
-    from .weights_io import read_weights, split_tp
+    from megatron.checkpoint.weights_io import CheckpointError
+    from megatron.checkpoint.weights_io import read_weights, split_tp
 
     full, _meta, _saved = read_weights(tag_dir)
     shard = split_tp(full, cfg, ps.tp_size)[ps.tp_rank]

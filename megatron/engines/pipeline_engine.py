@@ -6,7 +6,7 @@ replicated parameters of every later stage (all of them at tensor=1) drop out of
 no norm for logging. Here the norm is measured once the gradients are reduced (data-parallel all-reduce
 and tied-embedding all-reduce are done): tensor-parallel shards on every TP rank, replicated parameters on
 TP rank 0, each stage's own parameters (a tied copy marked `ds_pipe_replicated` only on its owner), summed
-over the tensor and pipeline groups (megatron.training.grad_norm.global_grad_norm). Clipping then uses
+over the tensor and pipeline groups (megatron.engines.grad_norm.global_grad_norm). Clipping then uses
 DeepSpeed's own rule `g *= min(1, max_norm / (norm + 1e-6))`, the rule of the unpipelined engine.
 ZeRO-1 and mixed precision keep DeepSpeed's optimizer-side norm, which already handles pipelines.
 """

@@ -3,7 +3,7 @@
 The model is `L + 3` layer specs (megatron.model.specs): 0 embedding, 1..L blocks, L+1 final norm, L+2 head.
 Every method is reduced to *blocks per stage* `[b_0, ..., b_{p-1}]` (sum L, each >= 1); the embedding always
 goes to the first stage and the final norm and head to the last, which is the split the checkpoint shards
-assume (megatron.training.weights_io.stage_of_key). The boundaries handed to DeepSpeed are then explicit:
+assume (megatron.checkpoint.weights_io.stage_of_key). The boundaries handed to DeepSpeed are then explicit:
 
     parts = [0, 1 + b_0, 1 + b_0 + b_1, ..., L + 3]     (stage s builds specs parts[s] .. parts[s+1]-1)
 
@@ -29,7 +29,7 @@ def spec_parameter_counts(cfg: Config, tp: Optional[int] = None) -> List[int]:
 
     A tied head (TiedLayerSpec of the embedding) counts the embedding again, as DeepSpeed does.
     """
-    from .weights_io import canonical_shapes
+    from megatron.checkpoint.weights_io import canonical_shapes
 
     tp = cfg.parallel.tensor if tp is None else tp
     L = cfg.model.num_layers

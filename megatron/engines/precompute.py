@@ -128,7 +128,7 @@ def _reference_logps_of_split(model, dataset, ps, cfg: Config, progress: bool, s
     from megatron.data import collate, sequence_ids_of_batch
 
     from .forward import batch_to, forward_stats
-    from .trainer import device_for_rank
+    from .build import device_for_rank
 
     device = device_for_rank()
     mbs = cfg.train.micro_batch_size
@@ -181,11 +181,12 @@ def precompute_reference(cfg: Config, log: Callable[[str], None] = print) -> Pre
     import deepspeed
     from megatron.data import load_tokenizer, open_dataset, reference_sequence_count, write_reference_logps
     from megatron.mpu import initialize_parallel
-    from megatron.objectives import get_objective_class
+    from megatron.mpu.distributed import init_distributed
+    from megatron.objectives import get_objective_class, resolve_objective
 
-    from .distributed import init_distributed
-    from .trainer import build_policy, device_for_rank, freeze_as_reference, starting_point
+    from .build import build_policy, device_for_rank, freeze_as_reference, starting_point
 
+    resolve_objective(cfg)
     obj_cls = get_objective_class(cfg.objective.name)
     if not obj_cls.needs_reference(cfg.objective):
         raise ConfigError(f"key 'objective.name': objective '{cfg.objective.name}' (with these options) uses no "
