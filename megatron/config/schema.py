@@ -119,7 +119,7 @@ class ObjectiveConfig:
     """
     name: str = "sft"
     beta: float = 0.1
-    loss_type: str = "sigmoid"  # dpo: sigmoid | ipo | robust | hinge
+    loss_type: str = "sigmoid"  # dpo: sigmoid | ipo | robust | hinge; rpo: bwd_kl | fwd_kl | sq
     label_smoothing: float = 0.0
     reference_free: bool = False
     nll_weight: float = 0.0
@@ -129,6 +129,7 @@ class ObjectiveConfig:
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
     orpo_lambda: float = 0.1
+    eta: float = 1.0  # rpo: scale of the reward margin score_chosen - score_rejected (batch['margin'])
 
 
 @dataclass
