@@ -1,4 +1,5 @@
-"""Loss registry: sft, rm (reward model), dpo (sigmoid/ipo/robust/hinge, RPO), simpo, orpo, kto.
+"""Loss registry: sft, rm (reward model), dpo (sigmoid/ipo/robust/hinge, RPO), simpo, orpo, kto,
+rpo (Nemotron-4 reward-aware preference optimisation: bwd_kl/fwd_kl/sq).
 
 Importing this package registers every objective. The training loop builds one with
 `build_objective(cfg, ps)`, reduces the model's per-token outputs with `sequence_stats` (and
@@ -8,17 +9,19 @@ from .registry import build_objective, get_objective_class, register_objective, 
 from .stats import SequenceStats, num_sequences, precomputed_reference, sequence_stats, token_counts
 from .base import Objective
 from .resolve import resolve_objective
-from . import sft, reward, dpo, simpo, orpo, kto  # noqa: F401  (registers the objectives)
+from . import sft, reward, dpo, simpo, orpo, kto, rpo  # noqa: F401  (registers the objectives)
 from .sft import SFTObjective
 from .reward import RewardModelObjective
 from .dpo import DPO_LOSS_TYPES, DPOObjective, dpo_losses
 from .simpo import SimPOObjective
 from .orpo import ORPOObjective
 from .kto import KTOObjective, kto_class_weight_warning
+from .rpo import RPO_LOSS_TYPES, RPOObjective, rpo_losses
 
 __all__ = [
     "build_objective", "get_objective_class", "register_objective", "registered_objectives",
     "SequenceStats", "num_sequences", "precomputed_reference", "sequence_stats", "token_counts",
     "Objective", "resolve_objective", "SFTObjective", "RewardModelObjective", "DPOObjective", "DPO_LOSS_TYPES", "dpo_losses",
     "SimPOObjective", "ORPOObjective", "KTOObjective", "kto_class_weight_warning",
+    "RPOObjective", "RPO_LOSS_TYPES", "rpo_losses",
 ]
