@@ -10,14 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron.config.load import add_set_argument
+
 
 def parse(argv):
     """(user_script, config_paths, overrides, dry_run) from the command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("script", help="worker entry point, normally train.py")
     p.add_argument("configs", nargs="+", help="YAML files, later ones override earlier ones")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one key, e.g. --set train.iters=20 (repeatable)")
+    add_set_argument(p)
     p.add_argument("--dry-run", action="store_true", help="print the launcher command and exit")
     return p.parse_args(argv)
 

@@ -7,13 +7,16 @@ mpirun: rank information is read from whichever launcher set it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from megatron.config.load import add_set_argument
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("configs", nargs="+")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_set_argument(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
@@ -23,17 +26,34 @@ def main(argv=None) -> int:
     from megatron.mpu.distributed import shutdown_distributed, world_size_from_env
     from megatron.training.trainer import run_training
 
+    if world_size_from_env() == 1 and "MASTER_PORT" not in os.environ:
+        # A lone process needs no agreed port: a free one, so two single-process runs never collide.
+        from megatron.training.launcher import free_port
+        os.environ["MASTER_PORT"] = str(free_port())
     try:
         cfg = load_run_config(args.configs, args.overrides, world_size=world_size_from_env())
         result = run_training(cfg)
     except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # torch's DistNetworkError when rank 0 cannot open the rendezvous port
+        if "EADDRINUSE" not in str(exc):
+            raise
+        print(f"error: {port_taken_message()}", file=sys.stderr)
+        return 2
     finally:
         shutdown_distributed()
     print(f"finished at step {result.step}" + (" (stopped by SIGTERM)" if result.stopped_by_signal else ""),
           file=sys.stderr)
     return 0
+
+
+def port_taken_message() -> str:
+    """One line for a rendezvous port that another process holds (what to change, per launcher)."""
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    return (f"the master port {where} is already in use (another training job?): with deepy.py leave "
+            "launcher.master_port unset (a free port is chosen) or pick another with --set launcher.master_port=N; "
+            "with torchrun/mpirun/srun set MASTER_PORT (torchrun --master_port N)")
 
 
 if __name__ == "__main__":

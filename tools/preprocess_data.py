@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output-prefix", required=True, help="writes <prefix>.bin, .idx, .meta.json")
     ap.add_argument("--tokenizer", help="HF tokenizer dir or SentencePiece .model (data.tokenizer)")
     ap.add_argument("--config", action="append", default=[], help="YAML config file(s), merged in order")
-    ap.add_argument("--set", action="append", default=[], dest="overrides", help="a.b=c override")
+    from megatron.config.load import add_set_argument
+    add_set_argument(ap)
     ap.add_argument("--workers", type=int, help="tokenising processes (data.num_workers)")
     ap.add_argument("--format", help="data.format")
     ap.add_argument("--kind", help="data.kind: auto | sft | pairwise | unpaired")

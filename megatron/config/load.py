@@ -92,10 +92,25 @@ def _apply(obj: Any, data: Dict[str, Any], where: str, prefix: str = "") -> None
             setattr(obj, key, _coerce(value, hints[key], where, dotted))
 
 
+SET_HELP = ("override config keys: --set a.b=1 c.d=2 (several pairs after one flag) or a repeated --set; "
+            "values are YAML")
+
+
+def add_set_argument(parser) -> None:
+    """Add the shared `--set KEY=VALUE [KEY=VALUE ...]` option (repeatable) to an argparse parser.
+
+    Every use lands flattened, in command-line order, in `args.overrides` (a list of 'a.b=c' strings).
+    """
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help=SET_HELP)
+
+
 def parse_override(text: str) -> Tuple[List[str], Any]:
     """Split `a.b.c=value` into (['a','b','c'], yaml-parsed value)."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected the form section.key=value, e.g. train.iters=20")
+        hint = (" (config files go before --set: `CONFIG.yml --set a=1 b=2`)"
+                if text.endswith((".yml", ".yaml")) else "")
+        raise ConfigError(f"--set {text!r}: expected the form section.key=value, e.g. train.iters=20{hint}")
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else None

@@ -164,7 +164,7 @@ class LauncherConfig:
     num_nodes: int = 1
     hostfile: Optional[str] = None
     master_addr: Optional[str] = None
-    master_port: int = 29500
+    master_port: Optional[int] = None  # None: deepy.py picks a free port on this machine
     include: Optional[str] = None
     exclude: Optional[str] = None
     extra_args: List[str] = field(default_factory=list)

@@ -7,7 +7,9 @@ openmpi / mpich -> mpirun; without a hostfile, one is written for localhost with
 """
 from __future__ import annotations
 
+import errno
 import os
+import socket
 from typing import List, Optional, Sequence
 
 from megatron.config import Config, ConfigError
@@ -50,11 +52,80 @@ def world_size_for(cfg: Config) -> int:
     return lc.num_gpus * lc.num_nodes
 
 
+_LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def port_in_use(port: int) -> bool:
+    """True when a process on this machine listens on TCP `port` (any address), as torch's TCPStore would find.
+
+    Binds with SO_REUSEADDR like the store does, so a port held only by closing (TIME_WAIT) sockets is free.
+    """
+    for family, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 on this machine
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((addr, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+        finally:
+            sock.close()
+    return False
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the kernel's choice of an ephemeral port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def _master_is_here(cfg: Config) -> bool:
+    """Whether rank 0 (which opens the master port) runs on this machine, as far as the config tells."""
+    lc = cfg.launcher
+    names = _LOCAL_NAMES + (socket.gethostname(),)
+    if lc.master_addr:
+        return lc.master_addr in names
+    if lc.type == "local":
+        return True
+    if lc.type in ("hostfile", "openmpi", "mpich") and lc.hostfile and os.path.exists(lc.hostfile):
+        return read_hostfile(lc.hostfile)[0][0] in names
+    return lc.type in ("openmpi", "mpich")  # no hostfile: one is written for localhost
+
+
+def resolve_master_port(cfg: Config) -> int:
+    """The rendezvous port: `launcher.master_port`, or a free port of this machine when it is unset.
+
+    A set port that is already taken here (another job) is a ConfigError naming the key, instead of the
+    workers' EADDRINUSE traceback; when rank 0 runs on another host the port cannot be checked from here.
+    """
+    port = cfg.launcher.master_port
+    if port is None:
+        return free_port()
+    if not 0 < port < 65536:
+        raise ConfigError(f"launcher.master_port={port} is not a TCP port (1-65535); leave it unset to use a "
+                          "free port")
+    if _master_is_here(cfg) and port_in_use(port):
+        raise ConfigError(f"launcher.master_port={port} is already in use on this machine (another training "
+                          "job?); leave launcher.master_port unset to use a free port, or choose another with "
+                          "--set launcher.master_port=N")
+    return port
+
+
 def runner_args(cfg: Config, user_script: str, user_args: Sequence[str],
                 scratch_dir: Optional[str] = None) -> List[str]:
-    """Arguments for `deepspeed.launcher.runner.main` that start `user_script user_args` on every rank."""
+    """Arguments for `deepspeed.launcher.runner.main` that start `user_script user_args` on every rank.
+
+    The rendezvous port is `resolve_master_port(cfg)`: a free one when `launcher.master_port` is unset.
+    """
     lc = cfg.launcher
-    args: List[str] = ["--master_port", str(lc.master_port)]
+    port = resolve_master_port(cfg)
+    args: List[str] = ["--master_port", str(port)]
     if lc.master_addr:
         args += ["--master_addr", lc.master_addr]
     if lc.type == "local":
@@ -88,13 +159,13 @@ def runner_args(cfg: Config, user_script: str, user_args: Sequence[str],
         mpi_args = list(lc.extra_args)
         if lc.type == "openmpi":
             # Rank 0's address travels as env vars: our workers read OMPI_COMM_WORLD_* and need no mpi4py.
-            mpi_args += ["-x", f"MASTER_ADDR={first}", "-x", f"MASTER_PORT={lc.master_port}"]
+            mpi_args += ["-x", f"MASTER_ADDR={first}", "-x", f"MASTER_PORT={port}"]
             if not any("btl_tcp_if" in a for a in mpi_args):
                 mpi_args += ["--mca", "btl_tcp_if_include", "lo" if hosts[0][0] == "localhost" else "eth0"]
             if hasattr(os, "geteuid") and os.geteuid() == 0:
                 mpi_args.append("--allow-run-as-root")
         else:
-            mpi_args += ["-genv", "MASTER_ADDR", first, "-genv", "MASTER_PORT", str(lc.master_port)]
+            mpi_args += ["-genv", "MASTER_ADDR", first, "-genv", "MASTER_PORT", str(port)]
         if not lc.master_addr:  # else DeepSpeed's runner asks the first host over ssh
             args += ["--master_addr", first]
         args += ["--hostfile", hostfile, "--launcher", lc.type, "--force_multi", "--no_ssh_check",

@@ -161,14 +161,13 @@ def write_memory_report(cfg: Config, report: Optional[Dict[str, Any]] = None, pa
 
 def main(argv: Optional[List[str]] = None) -> int:
     """CLI: print the per-stage table for a config at a world size (and optionally write the JSON)."""
-    from megatron.config import ConfigError
+    from megatron.config import ConfigError, add_set_argument
     from megatron.engines.run_config import load_run_config
 
     ap = argparse.ArgumentParser(prog="python -m megatron.training.memory_report", description=__doc__.split("\n")[0])
     ap.add_argument("configs", nargs="+", help="YAML config files, merged in order")
     ap.add_argument("--world-size", type=int, required=True, help="number of ranks (GPUs)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key (repeatable), e.g. --set parallel.zero_stage=1")
+    add_set_argument(ap)
     ap.add_argument("--json", help="also write the full report here")
     args = ap.parse_args(argv)
     try:
