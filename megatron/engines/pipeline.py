@@ -99,8 +99,11 @@ def from_last_stage(values: Dict[str, float], ps) -> Dict[str, float]:
 
 
 def pipeline_step(engine, ref_engine, objective, batches: List[Dict[str, torch.Tensor]], ps, cfg: Config,
-                  train: bool) -> Tuple[Dict[str, float], int]:
+                  train: bool, counts=None) -> Tuple[Dict[str, float], int]:
     """One optimizer step (train) or one evaluation pass over `batches`, the same on every stage.
+
+    counts: the step's `objectives.aggregation.GlobalCounts` (the loop measures them before the step); the
+    last stage's loss function hands them to `objective.loss`, as the unpipelined loop does.
 
     Returns (metrics averaged over the micro-batches, on every rank; this rank's real tokens).
     """
@@ -111,7 +114,7 @@ def pipeline_step(engine, ref_engine, objective, batches: List[Dict[str, torch.T
         ref_engine.module.loss_fn = ReferenceCollector(queue, ps, value_head)
         ref_engine.eval_batch(iter(micro), compute_loss=True, reduce_output=None, bcast_loss=False,
                               num_micro_batches=len(micro))
-    loss_fn = PolicyLoss(objective, ps, value_head, cfg.derived.reference_mode, queue)
+    loss_fn = PolicyLoss(objective, ps, value_head, cfg.derived.reference_mode, queue, counts)
     engine.module.loss_fn = loss_fn
     if train:
         engine.train_batch(iter(micro))

@@ -15,6 +15,7 @@ import torch
 
 from megatron.mpu import vocab_parallel_logprobs
 from megatron.objectives import SequenceStats, precomputed_reference, sequence_stats
+from megatron.objectives.aggregation import GLOBAL_COUNTS, GlobalCounts
 
 from .forward import LOGPROB_CHUNK_TOKENS
 from .pipeline_batch import from_pipe_labels
@@ -55,10 +56,13 @@ class PolicyLoss:
     """loss_fn of the policy engine: model output -> SequenceStats -> objective.loss, metrics kept as floats.
 
     reference_mode: 'live' (stats from `reference_queue`), 'precomputed' (`ref_logps` in the labels) or 'none'.
+    counts: the step's GlobalCounts, put into every micro-batch as `batch[GLOBAL_COUNTS]` (global-batch
+    normalisation, objectives/aggregation.py); None: each micro-batch is normalised on its own.
     """
 
     def __init__(self, objective, ps, value_head: bool, reference_mode: str,
-                 reference_queue: Optional[Deque[SequenceStats]] = None):
+                 reference_queue: Optional[Deque[SequenceStats]] = None, counts: Optional[GlobalCounts] = None):
+        self.counts = counts
         self.objective = objective
         self.ps = ps
         self.value_head = value_head
@@ -79,6 +83,8 @@ class PolicyLoss:
     def __call__(self, outputs: torch.Tensor, labels: Tuple[torch.Tensor, ...]) -> torch.Tensor:
         """0-dim loss of one micro-batch (with grad in training)."""
         batch = from_pipe_labels(labels)
+        if self.counts is not None:
+            batch[GLOBAL_COUNTS] = self.counts
         policy = output_stats(outputs, batch, self.ps, self.value_head)
         loss, metrics = self.objective.loss(policy, self._reference(batch), batch)
         row = {"loss": float(loss.detach())}

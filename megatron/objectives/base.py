@@ -2,8 +2,10 @@
 
 An objective turns per-sequence statistics (`SequenceStats`) of the policy (and of the reference, when it
 needs one) plus the micro-batch index tensors into `(loss, metrics)`: `loss` is a 0-dim tensor to
-back-propagate, `metrics` maps names to detached 0-dim tensors. The training loop only uses the class
-attributes and methods below and never branches on the objective's name.
+back-propagate, `metrics` maps names to detached 0-dim tensors. Losses and metrics are micro-batch SHARES of
+global-batch means (`aggregation.global_mean`): the loop averages them over micro-batches and data-parallel
+ranks, which gives the full-batch value at any split; nonlinear metrics come from `summarize_metrics`. The
+training loop only uses the class attributes and methods below and never branches on the objective's name.
 
 Conventions shared by all objectives: log-probs are in nats; `logps/chosen` and `logps/rejected` are the
 means of the policy's summed log-probs. Metrics never include `loss`: the loop records the returned loss
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from megatron.config import ConfigError
 from megatron.config.schema import ObjectiveConfig
 
+from .aggregation import example_mean, global_mean, local_counts
 from .stats import SequenceStats
 
 # data.kind value that each batch kind needs
@@ -101,6 +104,17 @@ class Objective:
             raise ConfigError(f"key 'objective.{key}': must be >= 0, got {value!r}")
 
     # ----------------------------------------------------------------- the loss
+    def count_units(self, batch: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+        """The units of one micro-batch that global normalisation needs (`aggregation.local_counts`: tokens,
+        sequences, examples, chosen_tokens). The loop sums them over the step's micro-batches and data-parallel
+        ranks and passes the totals to `loss` as `batch[aggregation.GLOBAL_COUNTS]`. Extend to add units."""
+        return local_counts(batch)
+
+    def summarize_metrics(self, metrics: Dict[str, float]) -> Dict[str, float]:
+        """Metrics derived from the step's global means (after averaging over micro-batches and ranks), e.g.
+        a perplexity from the mean NLL. The default adds nothing."""
+        return metrics
+
     def loss(self, policy: SequenceStats, reference: Optional[SequenceStats],
              batch: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Return (loss 0-dim tensor with grad, metrics dict of detached 0-dim tensors)."""
@@ -146,12 +160,16 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def chosen_nll(policy: SequenceStats, chosen: torch.Tensor) -> torch.Tensor:
-    """Per-token mean negative log-likelihood over all scored tokens of the chosen sequences.
+def chosen_nll(policy: SequenceStats, chosen: torch.Tensor,
+               batch: Optional[Mapping[str, Any]] = None) -> torch.Tensor:
+    """Per-token mean negative log-likelihood over all scored tokens of the chosen sequences (RPO's NLL term).
 
-    `-sum(logp_sum[chosen]) / sum(token_count[chosen])` -> 0-dim, nats per token.
+    `-sum(logp_sum[chosen]) / (chosen tokens)` -> 0-dim, nats per token; the denominator is the chosen tokens
+    of the whole global batch when `batch` carries the loop's GlobalCounts (`aggregation.global_mean`, unit
+    'chosen_tokens'), else this micro-batch's.
     """
-    return -policy.logp_sum[chosen].sum() / policy.token_count[chosen].sum().clamp(min=1.0)
+    return global_mean(-policy.logp_sum[chosen].sum(), policy.token_count[chosen].sum(), "chosen_tokens",
+                       batch if batch is not None else {})
 
 
 def detached(metrics: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -160,19 +178,22 @@ def detached(metrics: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
-                       policy: SequenceStats, chosen: torch.Tensor, rejected: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """The shared pairwise metrics (TRL names, singular forms).
+                       policy: SequenceStats, chosen: torch.Tensor, rejected: torch.Tensor,
+                       batch: Optional[Mapping[str, Any]] = None) -> Dict[str, torch.Tensor]:
+    """The shared pairwise metrics (TRL names, singular forms), means over pairs (global-batch means through
+    `aggregation.example_mean` when `batch` carries the loop's GlobalCounts).
 
     rewards/chosen, rewards/rejected: means of the implicit rewards Float[P];
     rewards/accuracy: fraction of pairs with chosen reward > rejected reward;
     rewards/margin: mean(chosen - rejected); logps/chosen, logps/rejected: mean policy logp_sum (nats).
     """
     cr, rr = chosen_rewards.detach(), rejected_rewards.detach()
+    mean = lambda x: example_mean(x, batch if batch is not None else {})  # noqa: E731
     return {
-        "rewards/chosen": safe_mean(cr),
-        "rewards/rejected": safe_mean(rr),
-        "rewards/accuracy": safe_mean((cr > rr).to(cr.dtype)),
-        "rewards/margin": safe_mean(cr - rr),
-        "logps/chosen": safe_mean(policy.logp_sum[chosen].detach()),
-        "logps/rejected": safe_mean(policy.logp_sum[rejected].detach()),
+        "rewards/chosen": mean(cr),
+        "rewards/rejected": mean(rr),
+        "rewards/accuracy": mean((cr > rr).to(cr.dtype)),
+        "rewards/margin": mean(cr - rr),
+        "logps/chosen": mean(policy.logp_sum[chosen].detach()),
+        "logps/rejected": mean(policy.logp_sum[rejected].detach()),
     }

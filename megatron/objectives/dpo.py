@@ -4,7 +4,7 @@ With per-sequence log-prob sums pi (policy) and ref (reference) and a pair (c, r
 
     h = (pi_c - ref_c) - (pi_r - ref_r)
 
-loss_type (per pair, averaged over the micro-batch's pairs):
+loss_type (per pair, averaged over the global batch's pairs):
   sigmoid  -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
            DPO, Rafailov et al. 2023 ("Direct Preference Optimization: Your Language Model is Secretly a
            Reward Model"); eps > 0 is conservative DPO / label smoothing (Mitchell 2023, "A note on DPO with
@@ -18,7 +18,7 @@ loss_type (per pair, averaged over the micro-batch's pairs):
            Preferences"), averaged as TRL does.
 
 reference_free: ref = 0 (no reference policy needed). nll_weight > 0 adds nll_weight * NLL(chosen), the
-per-token mean NLL over all chosen tokens: RPO, Pang et al. 2024 ("Iterative Reasoning Preference
+per-token mean NLL over all chosen tokens of the global batch: RPO, Pang et al. 2024 ("Iterative Reasoning Preference
 Optimization"). Formulas and metric names follow TRL's DPOTrainer.
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from megatron.config import ConfigError
 
-from .base import Objective, chosen_nll, detached, index, preference_metrics, safe_mean, smoothed_sigmoid_loss
+from .aggregation import example_mean
+from .base import Objective, chosen_nll, detached, index, preference_metrics, smoothed_sigmoid_loss
 from .registry import register_objective
 from .stats import SequenceStats
 
@@ -94,7 +95,8 @@ class DPOObjective(Objective):
              batch: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """policy/reference: SequenceStats Float[N]; batch chosen_idx/rejected_idx Long[P].
 
-        Returns (0-dim loss averaged over pairs, metrics).
+        Returns (0-dim loss: mean over pairs, plus nll_weight * chosen-token NLL; both global-batch means
+        through `aggregation` when the loop passes GlobalCounts, metrics).
         """
         cfg = self.cfg
         c = index(batch, "chosen_idx", policy.logp_sum)
@@ -109,11 +111,11 @@ class DPOObjective(Objective):
         chosen_ratio = pi[c] - ref[c]
         rejected_ratio = pi[r] - ref[r]
         h = chosen_ratio - rejected_ratio
-        loss = safe_mean(dpo_losses(h, cfg.beta, cfg.loss_type, cfg.label_smoothing))
+        loss = example_mean(dpo_losses(h, cfg.beta, cfg.loss_type, cfg.label_smoothing), batch)
         metrics = {}
         if cfg.nll_weight:
-            nll = chosen_nll(policy, c)
+            nll = chosen_nll(policy, c, batch)
             loss = loss + cfg.nll_weight * nll
             metrics["nll"] = nll
-        metrics.update(preference_metrics(cfg.beta * chosen_ratio, cfg.beta * rejected_ratio, policy, c, r))
+        metrics.update(preference_metrics(cfg.beta * chosen_ratio, cfg.beta * rejected_ratio, policy, c, r, batch))
         return loss, detached(metrics)

@@ -6,7 +6,8 @@ ORPOTrainer defines it, with avg = logp_sum / token_count (length-averaged log-p
     log_odds = (avg_c - avg_r) - (log(1 - exp(avg_c)) - log(1 - exp(avg_r)))
     loss     = NLL(chosen) - orpo_lambda * mean_p[log sigmoid(log_odds)]
 
-NLL(chosen) is the per-token mean NLL over all chosen tokens; log(1 - exp(x)) is computed stably.
+NLL(chosen) is the per-token mean NLL over all chosen tokens of the global batch and mean_p the mean over its
+pairs (`aggregation`); log(1 - exp(x)) is computed stably.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .base import Objective, chosen_nll, detached, index, log1mexp, preference_metrics, safe_mean
+from .aggregation import example_mean
+from .base import Objective, chosen_nll, detached, index, log1mexp, preference_metrics
 from .registry import register_objective
 from .stats import SequenceStats
 
@@ -50,9 +52,10 @@ class ORPOObjective(Objective):
         ac, ar = avg[c], avg[r]
         log_odds = (ac - ar) - (log1mexp(ac) - log1mexp(ar))
         ratio = F.logsigmoid(log_odds)
-        nll = chosen_nll(policy, c)
-        loss = nll - cfg.orpo_lambda * safe_mean(ratio)
-        metrics = {"nll": nll, "log_odds_ratio": safe_mean(ratio),
-                   "log_odds_chosen": safe_mean(log_odds)}
-        metrics.update(preference_metrics(cfg.beta * ac, cfg.beta * ar, policy, c, r))
+        nll = chosen_nll(policy, c, batch)
+        mean_ratio = example_mean(ratio, batch)
+        loss = nll - cfg.orpo_lambda * mean_ratio
+        metrics = {"nll": nll, "log_odds_ratio": mean_ratio,
+                   "log_odds_chosen": example_mean(log_odds.detach(), batch)}
+        metrics.update(preference_metrics(cfg.beta * ac, cfg.beta * ar, policy, c, r, batch))
         return loss, detached(metrics)

@@ -14,7 +14,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from .base import Objective, chosen_nll, detached, index, preference_metrics, safe_mean, smoothed_sigmoid_loss
+from .aggregation import example_mean
+from .base import Objective, chosen_nll, detached, index, preference_metrics, smoothed_sigmoid_loss
 from .registry import register_objective
 from .stats import SequenceStats
 
@@ -45,11 +46,11 @@ class SimPOObjective(Objective):
         c = index(batch, "chosen_idx", avg)
         r = index(batch, "rejected_idx", avg)
         logits = cfg.beta * (avg[c] - avg[r]) - cfg.gamma
-        loss = safe_mean(smoothed_sigmoid_loss(logits, cfg.label_smoothing))
+        loss = example_mean(smoothed_sigmoid_loss(logits, cfg.label_smoothing), batch)
         metrics = {}
         if cfg.nll_weight:
-            nll = chosen_nll(policy, c)
+            nll = chosen_nll(policy, c, batch)
             loss = loss + cfg.nll_weight * nll
             metrics["nll"] = nll
-        metrics.update(preference_metrics(cfg.beta * avg[c], cfg.beta * avg[r], policy, c, r))
+        metrics.update(preference_metrics(cfg.beta * avg[c], cfg.beta * avg[r], policy, c, r, batch))
         return loss, detached(metrics)

@@ -14,6 +14,7 @@ from megatron.config import Config, ConfigError
 from megatron.mpu import initialize_parallel
 from megatron.objectives import (build_objective, get_objective_class, kto_class_weight_warning, precomputed_reference,
                                  resolve_objective)
+from megatron.objectives.aggregation import GLOBAL_COUNTS, global_counts
 
 from megatron.checkpoint import checkpointing as ckpt
 from megatron.engines.build import build_policy, build_reference, device_for_rank, param_groups, starting_point
@@ -96,14 +97,23 @@ def _mean_over_dp(values: Dict[str, float], ps, device) -> Dict[str, float]:
 
 
 def _step_micro_batches(engine, ref_model, objective, batches, ps, cfg, device, train: bool):
-    """Forward (and backward when `train`) over the micro-batches of one step; returns averaged metrics."""
+    """Forward (and backward when `train`) over the micro-batches of one step.
+
+    Before the first forward, the units of the whole step (scored tokens, sequences, examples of every
+    micro-batch on every data-parallel rank) are counted and handed to `objective.loss` as
+    `batch[GLOBAL_COUNTS]`: each micro-batch loss is its share of the global-batch mean, so DeepSpeed's
+    averaging over accumulation steps and ranks yields the full-batch loss and gradient (objectives/aggregation.py).
+    Returns (metrics averaged over the micro-batches, this rank's real tokens).
+    """
+    counts = global_counts([objective.count_units(b) for b in batches], ps, device)  # collective (dp group)
     if ps.pp_size > 1:
-        return pipeline_step(engine, ref_model, objective, batches, ps, cfg, train)
+        return pipeline_step(engine, ref_model, objective, batches, ps, cfg, train, counts)
     sums: Dict[str, float] = {}
     tokens = 0
     value_head = cfg.model.value_head
     for batch in batches:
         batch = batch_to(batch, device)
+        batch[GLOBAL_COUNTS] = counts
         tokens += int((batch["segment_ids"] > 0).sum())
         with torch.set_grad_enabled(train):
             policy = forward_stats(engine, batch, ps, value_head)
@@ -219,7 +229,7 @@ def run_training(cfg: Config, hooks: Optional[Hooks] = None) -> TrainResult:
             if grad_norm is None:
                 grad_norm = metrics.pop("grad_norm", float("nan"))
             metrics.pop("grad_norm", None)
-            metrics = _mean_over_dp(metrics, ps, device)
+            metrics = objective.summarize_metrics(_mean_over_dp(metrics, ps, device))
             tok = torch.tensor([float(tokens)], device=device)
             if ps.dp_size > 1:
                 dist.all_reduce(tok, group=ps.dp_group)
@@ -260,4 +270,5 @@ def evaluate(engine, ref_model, objective, batches, ps, cfg: Config, device) -> 
     engine.eval()
     metrics, _ = _step_micro_batches(engine, ref_model, objective, batches, ps, cfg, device, train=False)
     engine.train()
-    return {f"eval/{k}": v for k, v in _mean_over_dp(metrics, ps, device).items()}
+    metrics = objective.summarize_metrics(_mean_over_dp(metrics, ps, device))
+    return {f"eval/{k}": v for k, v in metrics.items()}

@@ -74,7 +74,10 @@ def test_sft():
     loss, m = objective(name="sft").loss(pol, None, {})
     nll = -sum(d["logp"]) / sum(d["counts"])
     assert abs(loss.item() - nll) < 1e-12
-    check(m, {"nll": nll, "ppl": math.exp(nll), "tokens": sum(d["counts"])})
+    check(m, {"nll": nll, "tokens": sum(d["counts"])})
+    # ppl comes from the step's mean NLL (after averaging over micro-batches and ranks), not per micro-batch.
+    summary = objective(name="sft").summarize_metrics({"nll": nll, "tokens": 3.0})
+    assert summary == {"nll": nll, "tokens": 3.0, "ppl": pytest.approx(math.exp(nll), rel=1e-12)}
 
 
 # ----------------------------------------------------------------- DPO family
