@@ -3,7 +3,7 @@
 - One rank, live reference, the three loss types: the first step's loss is the float64 formula at a zero implicit
   margin (policy = reference), D[0 || eta (score_chosen - score_rejected)] averaged over the first 4 records, so
   the reward margins reach the loss pair by pair through the data path.
-- tensor=2 and data=2 (2 gloo ranks) give the single rank's per-step losses and metrics (fp32, 1e-5).
+- tensor=2, pipeline=2 and data=2 (2 gloo ranks) give the single rank's per-step losses and metrics (fp32, 1e-5).
 - reference.mode=precomputed (values written by precompute_reference, here on 2 data-parallel ranks) gives
   the live reference's losses.
 """
@@ -41,6 +41,7 @@ def _runs(root, side):
         return [("bwd_kl", bwd, False), ("fwd_kl", common + ["objective.loss_type=fwd_kl"], False),
                 ("sq", common + ["objective.loss_type=sq"], False)]
     return [("tensor2", bwd + ["parallel.tensor=2"], False),
+            ("pipeline2", bwd + ["parallel.pipeline=2"], False),
             ("data2", bwd, False),
             ("data2_pre", bwd + ["reference.mode=precomputed"], True)]
 
@@ -103,7 +104,7 @@ def test_first_step_is_the_formula_and_the_policy_learns(runs, loss_type):
     assert rows[-1]["rewards/margin"] > 0 and rows[0]["loss"] != rows[-1]["loss"]
 
 
-@pytest.mark.parametrize("name", ["tensor2", "data2", "data2_pre"])
+@pytest.mark.parametrize("name", ["tensor2", "pipeline2", "data2", "data2_pre"])
 def test_layouts_and_precomputed_reference_match_one_rank(runs, name):
     single, two = runs
     want = _rows(single["bwd_kl"])
