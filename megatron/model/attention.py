@@ -39,8 +39,12 @@ class SelfAttention(nn.Module):
                                        init_method=init_method(cfg), sequence_parallel=sp)
         self.rotary = RotaryEmbedding.from_config(cfg)
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
-        """x [B, S(/tp), H], position_ids, segment_ids [B, S] -> [B, S(/tp), H]."""
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor,
+                cache=None) -> torch.Tensor:
+        """x [B, S(/tp), H], position_ids, segment_ids [B, S] -> [B, S(/tp), H].
+
+        cache: generation only, this layer's KV cache (megatron.generation.kv_cache.LayerCache): it stores the
+        new k, v and attends over the cached prefix (segment_ids unused)."""
         qkv = self.qkv(x)  # [B, S, (nq + 2 nkv)/tp * hd]: gathers the sequence under SP
         B, S = qkv.shape[:2]
         hd = self.head_dim
@@ -50,5 +54,8 @@ class SelfAttention(nn.Module):
         v = v.reshape(B, S, self.num_kv_heads, hd)
         cos, sin = self.rotary(position_ids, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = core_attention(q, k, v, segment_ids, self.backend)  # [B, S, nq/tp, hd]
+        if cache is not None:
+            out = cache.attend(q, k, v)  # [B, S, nq/tp, hd]
+        else:
+            out = core_attention(q, k, v, segment_ids, self.backend)  # [B, S, nq/tp, hd]
         return self.dense(out.reshape(B, S, self.num_heads * hd))

@@ -35,9 +35,10 @@ class TransformerBlock(nn.Module):
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return hidden_dropout(x, self.dropout, self.training, self.sp_group)
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
-        """x [B, S(/tp), H] -> [B, S(/tp), H]."""
-        attn = self._drop(self.attention(self.input_norm(x), position_ids, segment_ids))
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor,
+                cache=None) -> torch.Tensor:
+        """x [B, S(/tp), H] -> [B, S(/tp), H]. cache: generation only, this layer's KV cache (see SelfAttention)."""
+        attn = self._drop(self.attention(self.input_norm(x), position_ids, segment_ids, cache=cache))
         if self.parallel_residual:
             return x + attn + self._drop(self.mlp(self.post_attention_norm(x)))
         h = x + attn

@@ -83,12 +83,16 @@ class GPTModel(nn.Module):
         return self.lm_head(x)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor,
-                logit_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                logit_index: Optional[torch.Tensor] = None, cache=None) -> torch.Tensor:
         """[B, S] ids, positions, segments -> logits shard [B, S, Vp/tp] (or values [B, S] fp32).
 
         logit_index: optional Long[T] flat positions b*S+t; the head then runs on those positions only and
         returns [T, Vp/tp] (or [T]): no logits for positions nobody scores (prompt tokens, padding).
+        cache: generation only, a megatron.generation.KVCache between its begin() and commit(): every block
+        stores its new keys/values there and attends over the cached prefix (segment_ids unused, may be None).
         """
+        if cache is not None:
+            return self._forward_cached(input_ids, position_ids, logit_index, cache)
         x = self.embedding((input_ids, position_ids, segment_ids))
         step = self.checkpoint_chunk if (self.checkpoint_chunk and self.training) else len(self.blocks)
         blocks = list(self.blocks)
@@ -101,5 +105,17 @@ class GPTModel(nn.Module):
         if self.embedding.sp_group is not None:  # h is a sequence shard; the head gathers it first
             out = self.head(x)
             return out.reshape(-1, *out.shape[2:]).index_select(0, logit_index)
+        h = x[0]
+        return self.head((h.reshape(-1, h.shape[-1]).index_select(0, logit_index), x[1], x[2]))
+
+    def _forward_cached(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                        logit_index: Optional[torch.Tensor], cache) -> torch.Tensor:
+        """Incremental decoding: block i reads and extends cache.layer(i). Shapes as in forward."""
+        x = self.embedding((input_ids, position_ids, None))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache=cache.layer(i))
+        x = self.final_norm(x)
+        if logit_index is None:
+            return self.head(x)
         h = x[0]
         return self.head((h.reshape(-1, h.shape[-1]).index_select(0, logit_index), x[1], x[2]))

@@ -62,10 +62,10 @@ class EmbeddingStage(nn.Module):
 class BlockStage(TransformerBlock):
     """A TransformerBlock on the stage tuple: (h, pos, seg) -> (h', pos, seg)."""
 
-    def forward(self, inputs: Hidden) -> Hidden:  # type: ignore[override]
-        """(h [B, S(/tp), H], pos [B, S], seg [B, S]) -> (h', pos, seg)."""
+    def forward(self, inputs: Hidden, cache=None) -> Hidden:  # type: ignore[override]
+        """(h [B, S(/tp), H], pos [B, S], seg [B, S]) -> (h', pos, seg). cache: generation only (LayerCache)."""
         h, position_ids, segment_ids = inputs
-        return super().forward(h, position_ids, segment_ids), position_ids, segment_ids
+        return super().forward(h, position_ids, segment_ids, cache=cache), position_ids, segment_ids
 
 
 class FinalNormStage(Norm):
