@@ -13,6 +13,12 @@ from typing import Dict, List
 from megatron.data.errors import REASON_NAMES
 from megatron.data.report import MAX_EXAMPLES_PER_REASON
 
+_WIDTH = 50  # column of the counts in the printed tables
+
+
+def _row(name: str, value: object) -> str:
+    return f"  {name:<{_WIDTH - 2}} {value}"
+
 
 @dataclass
 class Tally:
@@ -36,7 +42,7 @@ class Tally:
         """Table lines `name  count` (+ `e.g.` lines) for `keys` (default: every counted key)."""
         out = []
         for key in keys if keys is not None else list(self.counts):
-            out.append(f"{indent}{names.get(key, key):<40} {self.counts.get(key, 0)}")
+            out.append(f"{indent}{names.get(key, key):<{_WIDTH - len(indent)}} {self.counts.get(key, 0)}")
             out.extend(f"{indent}  e.g. {e}" for e in self.examples.get(key, []))
         return out
 
@@ -90,15 +96,15 @@ class FilterReport:
     def format(self) -> str:
         """The printed table."""
         lines = [f"filter report: {', '.join(self.inputs)} -> {self.output}",
-                 f"  records read                               {self.records_read}",
-                 f"  bad records (skipped)                      {self.bad.total}"]
+                 _row("records read", self.records_read),
+                 _row("bad records (skipped)", self.bad.total)]
         lines += self.bad.lines(REASON_NAMES)
-        lines += [f"  units read (completions or records)        {self.units_read}",
+        lines += [_row("units read (completions or records)", self.units_read),
                   "  dropped by rule (first rule that applies)"]
         lines += self.dropped.lines(RULE_NAMES, RULES)
-        lines += [f"  units kept                                 {self.units_kept}",
-                  f"  records written                            {self.records_written}"
-                  f" ({self.records_emptied} left without units, not written)"]
+        lines += [_row("units kept", self.units_kept),
+                  _row("records written", f"{self.records_written} ({self.records_emptied} left without units, "
+                                          "not written)")]
         return "\n".join(lines)
 
 
@@ -143,13 +149,12 @@ class SelectReport:
         lines = [f"select report ({self.mode}"
                  + (f", min margin {self.min_margin:g}" if self.mode != "best-of-n" else "")
                  + f"): {', '.join(self.inputs)} -> {self.output}",
-                 f"  records read                               {self.records_read}",
-                 f"  bad records (skipped)                      {self.bad.total}"]
+                 _row("records read", self.records_read),
+                 _row("bad records (skipped)", self.bad.total)]
         lines += self.bad.lines(REASON_NAMES)
-        lines += [f"  prompts                                    {self.prompts}",
-                  f"  completions                                {self.completions}"
-                  f" ({self.unscored_completions} unscored, never selected)",
+        lines += [_row("prompts", self.prompts),
+                  _row("completions", f"{self.completions} ({self.unscored_completions} unscored, never selected)"),
                   "  skipped"]
         lines += self.skipped.lines(SKIP_NAMES)
-        lines.append(f"  records written                            {self.records_written}")
+        lines.append(_row("records written", self.records_written))
         return "\n".join(lines)
