@@ -11,10 +11,10 @@ score are never selected. Per prompt, with scores s_i of its scored completions:
 Output records keep the input's other fields (not the prompt/response/score fields, not `completions`) and
 use the prompt in the form it came in:
 
-    prompt text      SFT {prompt, response, score}          pairs {prompt, chosen, rejected, score_chosen, score_rejected}
-    messages (chat)  SFT {messages: prompt + [assistant]}   pairs {prompt: messages, chosen: [assistant], rejected: [assistant]}
-    prompt_ids       SFT {prompt_ids, response_ids}         pairs {prompt_ids, chosen_ids, rejected_ids}
-                     (the completions' token_ids)
+    prompt        SFT {prompt, response, score}         pairs {prompt, chosen, rejected}
+    messages      SFT {messages: prompt + [assistant]}  pairs {prompt: messages, chosen: [assistant], rejected: [...]}
+    prompt_ids    SFT {prompt_ids, response_ids}        pairs {prompt_ids, chosen_ids, rejected_ids}
+                  (ids: the completions' token_ids)     every pair also has score_chosen and score_rejected
 
 which are the sft / pairwise layouts `megatron.data.records` reads (messages take precedence over prompt
 text, which takes precedence over prompt_ids, when a record has several).
@@ -54,6 +54,9 @@ class PromptGroup:
     candidates: List[Candidate] = field(default_factory=list)
 
 
+Pairs = List[Tuple[Candidate, Candidate]]  # (chosen, rejected)
+
+
 def best_of_n(cands: Sequence[Candidate]) -> Optional[Candidate]:
     """The highest-scored candidate (the first on ties), None when there are none."""
     best = None
@@ -63,7 +66,7 @@ def best_of_n(cands: Sequence[Candidate]) -> Optional[Candidate]:
     return best
 
 
-def best_vs_worst(cands: Sequence[Candidate], min_margin: float) -> Tuple[List[Tuple[Candidate, Candidate]], str]:
+def best_vs_worst(cands: Sequence[Candidate], min_margin: float) -> Tuple[Pairs, str]:
     """([(chosen, rejected)] or [], skip reason or ''): highest vs lowest score (first on ties),
     kept when s_chosen - s_rejected > min_margin."""
     if len(cands) < 2:
@@ -77,7 +80,7 @@ def best_vs_worst(cands: Sequence[Candidate], min_margin: float) -> Tuple[List[T
     return [(chosen, rejected)], ""
 
 
-def all_pairs(cands: Sequence[Candidate], min_margin: float) -> Tuple[List[Tuple[Candidate, Candidate]], Dict[str, int]]:
+def all_pairs(cands: Sequence[Candidate], min_margin: float) -> Tuple[Pairs, Dict[str, int]]:
     """(every ordered pair (c_i, c_j) with s_i - s_j > min_margin in order of i then j, skip counts).
 
     Skip counts: 'margin_too_small' per unordered pair whose |s_i - s_j| <= min_margin, 'same_text' per pair of
@@ -145,7 +148,8 @@ def pair_record(base: Dict, chosen: Candidate, rejected: Candidate) -> Dict:
     elif form == "prompt":
         out["prompt"], out["chosen"], out["rejected"] = base["prompt"], chosen.text, rejected.text
     else:
-        out["prompt_ids"], out["chosen_ids"], out["rejected_ids"] = list(base["prompt_ids"]), _ids(chosen), _ids(rejected)
+        out["prompt_ids"] = list(base["prompt_ids"])
+        out["chosen_ids"], out["rejected_ids"] = _ids(chosen), _ids(rejected)
     out["score_chosen"], out["score_rejected"] = chosen.score, rejected.score
     return out
 

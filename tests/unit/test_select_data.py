@@ -114,7 +114,8 @@ def test_committee_pools_completions_of_the_same_prompt(tmp_path):
     assert records == [{"id": "p1", "prompt": "name a colour", "response": "violet", "score": 4.0}]
     assert rep.prompts == 1 and rep.completions == 7
     (pair,), _ = select_files([first, second], "best-vs-worst")
-    assert (pair["chosen"], pair["rejected"], pair["score_chosen"], pair["score_rejected"]) == ("violet", "grey", 4.0, 0.0)
+    got = (pair["chosen"], pair["rejected"], pair["score_chosen"], pair["score_rejected"])
+    assert got == ("violet", "grey", 4.0, 0.0)
 
 
 def test_pure_functions_ties_and_identical_texts():
