@@ -12,7 +12,8 @@ from megatron.config import Config, ConfigError
 from .registry import get_objective_class
 
 # objective batch_kind -> the data kind it consumes (megatron.data reads derived.data_kind)
-BATCH_KIND_TO_DATA = {"single": "sft", "pairwise": "pairwise", "unpaired": "unpaired"}
+BATCH_KIND_TO_DATA = {"single": "sft", "pairwise": "pairwise", "unpaired": "unpaired",
+                      "rollout": "prompts"}  # online RL: prompts (rollout.prompts_path), never data.train_path
 
 
 def resolve_objective(cfg: Config) -> Config:

@@ -9,10 +9,12 @@ from megatron.objectives import (KTOObjective, Objective, build_objective, get_o
 
 
 def test_all_objectives_registered():
-    assert registered_objectives() == ["dpo", "kto", "orpo", "rm", "rpo", "sft", "simpo"]
+    assert registered_objectives() == ["dpo", "grpo", "kto", "mdloo", "orpo", "ppo", "reinforce_pp", "rloo", "rm",
+                                       "rpo", "sft", "simpo"]
     kinds = {n: get_objective_class(n).batch_kind for n in registered_objectives()}
     assert kinds == {"dpo": "pairwise", "kto": "unpaired", "orpo": "pairwise", "rm": "pairwise",
-                     "rpo": "pairwise", "sft": "single", "simpo": "pairwise"}
+                     "rpo": "pairwise", "sft": "single", "simpo": "pairwise",
+                     **{n: "rollout" for n in ("grpo", "mdloo", "ppo", "reinforce_pp", "rloo")}}
     assert [n for n in registered_objectives() if get_objective_class(n).uses_value_head] == ["rm"]
 
 
@@ -21,7 +23,7 @@ def test_unknown_name_did_you_mean():
         get_objective_class("dpoo")
     msg = str(err.value)
     assert "objective.name" in msg and "did you mean 'dpo'" in msg
-    assert "dpo, kto, orpo, rm, rpo, sft, simpo" in msg
+    assert "dpo, grpo, kto, mdloo, orpo, ppo, reinforce_pp, rloo, rm, rpo, sft, simpo" in msg
     with pytest.raises(ConfigError, match="did you mean 'simpo'"):
         load_config([], ["objective.name=simp0"])
 
