@@ -130,6 +130,24 @@ class ObjectiveConfig:
     undesirable_weight: float = 1.0
     orpo_lambda: float = 0.1
     eta: float = 1.0  # rpo: scale of the reward margin score_chosen - score_rejected (batch['margin'])
+    # online RL (grpo, rloo, reinforce_pp, ppo, mdloo; megatron/objectives/pg_loss.py, advantages.py)
+    clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: Optional[float] = None  # None = clip_low; > clip_low is DAPO's clip-higher (e.g. 0.28)
+    importance_level: str = "token"  # token | sequence (GSPO: geometric-mean ratio per sequence)
+    loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum | seq_mean_token_sum_norm
+    loss_norm_len: Optional[int] = None  # seq_mean_token_sum_norm's constant length; None = generation.max_new_tokens
+    kl_coef: float = 0.0  # KL(policy || reference) weight; 0 = no reference model
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+    kl_in_reward: Optional[bool] = None  # KL in the reward (advantages), not the loss; None = the objective's way
+    entropy_coef: float = 0.0  # entropy bonus
+    scale_rewards: str = "group"  # grpo: group | batch | none (Dr. GRPO)
+    group_baseline: bool = False  # reinforce_pp: subtract the group mean reward (REINFORCE++-baseline)
+    discount: float = 1.0  # ppo / reinforce_pp: the discount gamma (objective.gamma is SimPO's margin)
+    lam: float = 0.95  # ppo: the GAE lambda
+    vf_coef: float = 0.1  # ppo: weight of the critic's value loss
+    value_clip: Optional[float] = 0.2  # ppo: value clipped to old +- value_clip; None = unclipped
+    rollout_kl_coef: Optional[float] = None  # mdloo: KL(policy || rollout policy) weight (mirror step); None = 0.1
+
 
 
 @dataclass
@@ -171,6 +189,32 @@ class LauncherConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Online RL (objectives grpo, rloo, reinforce_pp, ppo, mdloo): what one step generates and how it trains on it."""
+    prompts_path: Optional[str] = None  # prompt records (jsonl | json | parquet); their other fields are reward columns
+    prompt_field: str = "prompt"  # the record's prompt text (or chat messages)
+    num_generations: int = 4  # completions per prompt (a group)
+    prompts_per_step: int = 2  # prompts per step over all data-parallel ranks (all of a prompt's samples on one rank)
+    epochs: int = 1  # passes over one step's rollouts
+    # optimizer steps per pass: train.global_batch_size = prompts_per_step * num_generations / minibatches completions
+    minibatches: int = 1
+    importance_correction: bool = False  # truncated importance sampling when the generator's log-probs differ
+    importance_cap: float = 2.0  # its truncation C: weights min(pi_old / pi_generator, C)
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal (no gradient)
+    overlong_buffer: int = 0  # DAPO soft overlong punishment over the last N tokens before max_new_tokens; 0 = off
+    overlong_penalty: float = 1.0  # the punishment at max_new_tokens (linear from 0 over the buffer)
+
+
+@dataclass
+class RewardConfig:
+    """Reward sources of online RL (megatron.rewards): functions on text and/or a reward model, weighted."""
+    function: List[str] = field(default_factory=list)  # built-in names (exact_match, math) or path/to/file.py:name
+    weights: List[float] = field(default_factory=list)  # one per function (then the model); [] = all 1
+    model: Optional[str] = None  # a reward-model checkpoint of ours (scored by the online loop)
+    answer_field: str = "answer"  # exact_match / math: the prompt record's reference answer column
+
+
+@dataclass
 class Derived:
     """Values computed once from the rest (megatron.config.derive)."""
     world_size: int = 1
@@ -196,5 +240,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     deepspeed: Dict[str, Any] = field(default_factory=dict)  # extra keys passed to DeepSpeed as-is
     derived: Derived = field(default_factory=Derived)

@@ -145,6 +145,10 @@ def run_training(cfg: Config, hooks: Optional[Hooks] = None) -> TrainResult:
 
     hooks = hooks or Hooks()
     resolve_objective(cfg)  # idempotent: a Config from plain load_config gets its objective checks here
+    if get_objective_class(cfg.objective.name).batch_kind == "rollout":
+        raise ConfigError(f"objective '{cfg.objective.name}' is an online RL objective: it trains on completions it "
+                          "generates from rollout.prompts_path, which the offline trainer (data.train_path) cannot do; "
+                          "it needs the online loop")
     init_distributed(cfg.parallel.backend)
     ps = initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
     if ps.world_size != cfg.derived.world_size:
