@@ -10,8 +10,9 @@ of data.train_path and data.valid_path, and writes one log-prob sum per referenc
 the dtype a live reference's `SequenceStats.logp_sum` has) to `<prefix>.ref_logps.npy` beside each indexed
 dataset (`megatron.data.write_reference_logps`). Token counts are not stored: training takes them from the
 loss mask. Training with reference.mode=precomputed then holds a single model and reads the values
-through the collator (`batch['ref_logps']`); `require_reference_logps` makes it fail clearly when they
-are missing.
+through the collator (`batch['ref_logps']`). Without a prior tool run, training computes the missing values
+itself at start-up (`ensure_reference_logps`, same code, same files); `require_reference_logps` rejects
+values made by another reference.
 
 Work split: the dataset in order is cut into micro-batches of train.micro_batch_size examples; micro-batch
 j goes to data-parallel rank j mod dp. Every micro-batch therefore has the same contents and layout
@@ -82,7 +83,7 @@ def require_reference_logps(dataset, split: str, source: Optional[Dict[str, str]
         raise ConfigError(
             f"reference.mode=precomputed: {path} was computed with another reference than this run's ("
             + "; ".join(diffs) + f"). Recompute them with the same configs and --set overrides as this run: "
-            f"{PRECOMPUTE_COMMAND}")
+            f"{PRECOMPUTE_COMMAND}, or delete {path} and training computes them at start-up")
 
 
 @dataclass
@@ -172,19 +173,77 @@ def _assemble(shares: List[Dict[str, np.ndarray]], expected: int, prefix: str) -
     return out
 
 
+def _reference_model(cfg: Config, ps, init_from: Optional[str], say: Callable[[str], None]):
+    """The frozen reference, built exactly as a live one (`freeze_as_reference`) on `ps` (no pipeline)."""
+    import deepspeed
+
+    from .build import build_policy, device_for_rank, freeze_as_reference
+
+    source = init_from or f"seeded init (train.seed={cfg.train.seed})"
+    if cfg.reference.load:
+        source = f"reference.load={cfg.reference.load}"
+    say(f"reference: {source}, precision {cfg.train.precision}, tensor={ps.tp_size}, data-parallel={ps.dp_size}")
+    return freeze_as_reference(cfg, ps, build_policy(cfg, ps, init_from), device_for_rank(), deepspeed)
+
+
+def _write_split(cfg: Config, ps, model, tokenizer, split: str, init_from: Optional[str],
+                 say: Callable[[str], None], result: PrecomputeResult) -> None:
+    """Compute and write the values of data.<split>_path with `model` (collective over all ranks of `ps`);
+    records the path, count and seconds in `result`."""
+    from megatron.data import open_dataset, reference_sequence_count, write_reference_logps
+
+    is_main = ps.rank == 0
+    barrier = (lambda: dist.barrier()) if dist.is_initialized() else (lambda: None)
+    t0 = time.perf_counter()
+    prefix = _dataset_prefix(cfg, tokenizer, split, is_main, barrier)
+    if is_main:
+        _remove_stale(prefix)
+    barrier()
+    dataset = open_dataset(cfg, tokenizer, split, is_builder=is_main, barrier=barrier, progress=False, log=None)
+    share = _reference_logps_of_split(model, dataset, ps, cfg, progress=is_main, split=split,
+                                      lockstep=cfg.parallel.zero_stage == 3)
+    # Tensor-parallel peers computed the same values: one share per data-parallel rank suffices.
+    share = share if ps.tp_rank == 0 else {"index": np.zeros(0, np.int64), "logp": np.zeros(0, np.float32)}
+    shares: List[Optional[Dict[str, np.ndarray]]] = [None] * ps.world_size
+    if dist.is_initialized() and ps.world_size > 1:
+        dist.gather_object(share, shares if is_main else None, dst=0)
+    else:
+        shares = [share]
+    expected = reference_sequence_count(dataset.indexed.meta)
+    failure: List[Optional[str]] = [None]
+    if is_main:
+        try:
+            values = _assemble(shares, expected, dataset.prefix)
+            kl_seed = cfg.train.seed if dataset.kind == "unpaired" else None
+            # The record first: values never exist without it (a crash in between leaves "missing").
+            with open(reference_source_path(dataset.prefix), "w", encoding="utf-8") as fh:
+                json.dump(reference_source(cfg, init_from), fh, indent=1)
+            write_reference_logps(dataset.prefix, values, kl_seed=kl_seed)
+        except (OSError, ValueError, RuntimeError) as exc:
+            failure[0] = f"{type(exc).__name__}: {exc}"
+    if dist.is_initialized() and ps.world_size > 1:
+        dist.broadcast_object_list(failure, src=0)  # every rank stops, rather than waiting on rank 0
+    if failure[0] is not None:
+        raise RuntimeError(f"writing the reference log-probs of data.{split}_path failed on rank 0: {failure[0]}")
+    result.paths[split] = reference_logps_path(dataset.prefix)
+    result.counts[split] = expected
+    result.seconds[split] = time.perf_counter() - t0
+    say(f"reference log-probs of data.{split}_path: {expected} sequences -> {result.paths[split]} "
+        f"({result.seconds[split]:.1f} s)")
+
+
 def precompute_reference(cfg: Config, log: Callable[[str], None] = print) -> PrecomputeResult:
     """Compute and store the reference log-prob sums of data.train_path and data.valid_path (when set).
 
     Works on 1..N ranks (collective; the caller owns process start-up, as for `run_training`). `cfg` must be
     validated for the current world size. Returns where the values went, on every rank.
     """
-    import deepspeed
-    from megatron.data import load_tokenizer, open_dataset, reference_sequence_count, write_reference_logps
+    from megatron.data import load_tokenizer
     from megatron.mpu import initialize_parallel
     from megatron.mpu.distributed import init_distributed
     from megatron.objectives import get_objective_class, resolve_objective
 
-    from .build import build_policy, device_for_rank, freeze_as_reference, starting_point
+    from .build import starting_point
 
     resolve_objective(cfg)
     obj_cls = get_objective_class(cfg.objective.name)
@@ -197,55 +256,52 @@ def precompute_reference(cfg: Config, log: Callable[[str], None] = print) -> Pre
         raise ConfigError(f"the config was validated for world size {cfg.derived.world_size} but "
                           f"{ps.world_size} ranks started; launch with launcher.num_gpus * launcher.num_nodes = "
                           f"{cfg.derived.world_size} or re-validate")
+    say = log if ps.rank == 0 else (lambda _text: None)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    _resume_dir, _full, init_from = starting_point(cfg)
+    model = _reference_model(cfg, ps, init_from, say)
+    result = PrecomputeResult({}, {}, {})
+    for split in ["train"] + (["valid"] if cfg.data.valid_path else []):
+        _write_split(cfg, ps, model, tokenizer, split, init_from, say, result)
+    return result
+
+
+def ensure_reference_logps(cfg: Config, ps, tokenizer, init_from: Optional[str],
+                           log: Callable[[str], None] = print) -> PrecomputeResult:
+    """Training start-up with reference.mode=precomputed: compute the values that do not exist yet, in this
+    launch, on all its ranks (TRL's precompute_ref_log_probs), and cache them where the tool puts them.
+
+    Splits: data.train_path, and data.valid_path when the run evaluates. A split whose values exist is left
+    alone (the trainer's `require_reference_logps` then checks they come from this run's reference). The
+    reference is built as the tool builds it (run's initial weights `init_from`, reference.load, precision);
+    a pipelined run folds its stages into data parallelism for this pass (one tensor-parallel model per
+    group, as the tool does). Torch's RNG state is restored afterwards, so the run continues exactly as after
+    a separate tools/precompute_reference.py run. Collective; returns what was written (empty when nothing).
+    """
+    from megatron.mpu import initialize_parallel
+
     is_main = ps.rank == 0
     say = log if is_main else (lambda _text: None)
     barrier = (lambda: dist.barrier()) if dist.is_initialized() else (lambda: None)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-
-    _resume_dir, _full, init_from = starting_point(cfg)
-    source = init_from or f"seeded init (train.seed={cfg.train.seed})"
-    if cfg.reference.load:
-        source = f"reference.load={cfg.reference.load}"
-    say(f"reference: {source}, precision {cfg.train.precision}, tensor={ps.tp_size}, data-parallel={ps.dp_size}")
-    model = freeze_as_reference(cfg, ps, build_policy(cfg, ps, init_from), device_for_rank(), deepspeed)
-
-    splits = ["train"] + (["valid"] if cfg.data.valid_path else [])
+    splits = ["train"] + (["valid"] if cfg.train.eval_interval > 0 and cfg.data.valid_path else [])
+    missing: List[Optional[List[str]]] = [None]
+    prefixes = {split: _dataset_prefix(cfg, tokenizer, split, is_main, barrier) for split in splits}
+    if is_main:  # rank 0 decides for everyone (a file appearing half-way must not split the ranks)
+        missing[0] = [s for s in splits if not os.path.exists(reference_logps_path(prefixes[s]))]
+    if dist.is_initialized() and ps.world_size > 1:
+        dist.broadcast_object_list(missing, src=0)
     result = PrecomputeResult({}, {}, {})
-    for split in splits:
-        t0 = time.perf_counter()
-        prefix = _dataset_prefix(cfg, tokenizer, split, is_main, barrier)
-        if is_main:
-            _remove_stale(prefix)
-        barrier()
-        dataset = open_dataset(cfg, tokenizer, split, is_builder=is_main, barrier=barrier, progress=False, log=None)
-        share = _reference_logps_of_split(model, dataset, ps, cfg, progress=is_main, split=split,
-                                          lockstep=cfg.parallel.zero_stage == 3)
-        # Tensor-parallel peers computed the same values: one share per data-parallel rank suffices.
-        share = share if ps.tp_rank == 0 else {"index": np.zeros(0, np.int64), "logp": np.zeros(0, np.float32)}
-        shares: List[Optional[Dict[str, np.ndarray]]] = [None] * ps.world_size
-        if dist.is_initialized() and ps.world_size > 1:
-            dist.gather_object(share, shares if is_main else None, dst=0)
-        else:
-            shares = [share]
-        expected = reference_sequence_count(dataset.indexed.meta)
-        failure: List[Optional[str]] = [None]
-        if is_main:
-            try:
-                values = _assemble(shares, expected, dataset.prefix)
-                kl_seed = cfg.train.seed if dataset.kind == "unpaired" else None
-                # The record first: values never exist without it (a crash in between leaves "missing").
-                with open(reference_source_path(dataset.prefix), "w", encoding="utf-8") as fh:
-                    json.dump(reference_source(cfg, init_from), fh, indent=1)
-                write_reference_logps(dataset.prefix, values, kl_seed=kl_seed)
-            except (OSError, ValueError, RuntimeError) as exc:
-                failure[0] = f"{type(exc).__name__}: {exc}"
-        if dist.is_initialized() and ps.world_size > 1:
-            dist.broadcast_object_list(failure, src=0)  # every rank stops, rather than waiting on rank 0
-        if failure[0] is not None:
-            raise RuntimeError(f"writing the reference log-probs of data.{split}_path failed on rank 0: {failure[0]}")
-        result.paths[split] = reference_logps_path(dataset.prefix)
-        result.counts[split] = expected
-        result.seconds[split] = time.perf_counter() - t0
-        say(f"reference log-probs of data.{split}_path: {expected} sequences -> {result.paths[split]} "
-            f"({result.seconds[split]:.1f} s)")
+    if not missing[0]:
+        return result
+    say(f"reference.mode=precomputed: no reference log-probs yet for "
+        f"{', '.join(f'data.{s}_path' for s in missing[0])}; computing them now (once; they are cached beside "
+        f"the dataset, as {PRECOMPUTE_COMMAND.split(' (')[0]} would)")
+    flat = ps if ps.pp_size == 1 else initialize_parallel(cfg.parallel.tensor, 1)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        model = _reference_model(cfg, flat, init_from, say)
+        for split in missing[0]:
+            _write_split(cfg, flat, model, tokenizer, split, init_from, say, result)
+        del model
+    barrier()
     return result

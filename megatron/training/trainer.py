@@ -22,7 +22,7 @@ from megatron.engines.deepspeed_config import build_deepspeed_config
 from megatron.engines.forward import batch_to, forward_stats, reference_stats
 from megatron.engines.grad_norm import global_grad_norm
 from megatron.engines.pipeline import build_pipeline_engines, pipeline_step
-from megatron.engines.precompute import reference_source, require_reference_logps
+from megatron.engines.precompute import ensure_reference_logps, reference_source, require_reference_logps
 from megatron.engines.schedules import lambda_lr_factory
 from megatron.mpu.distributed import init_distributed
 
@@ -171,6 +171,9 @@ def run_training(cfg: Config, hooks: Optional[Hooks] = None) -> TrainResult:
                           f"or set model.vocab_size >= {tok_vocab}")
 
     resume_dir, full_resume, init_from = starting_point(cfg)
+    if cfg.derived.reference_mode == "precomputed":
+        # Values no tools/precompute_reference.py run made yet are computed now, by all ranks, and cached.
+        ensure_reference_logps(cfg, ps, tokenizer, init_from)
     total_iters = cfg.train.iters
     if ps.pp_size > 1:  # DeepSpeed's pipeline engine (megatron/training/pipeline.py)
         engine, ref_model = build_pipeline_engines(cfg, ps, init_from, deepspeed)

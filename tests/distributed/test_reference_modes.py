@@ -4,7 +4,9 @@
   (fp32, 1e-6), with the reference values written by `precompute_reference` (train and valid split).
 - Precomputing on 2 ranks (data-parallel through deepy.py and the CLI, and tensor-parallel) writes the same
   values as on 1 rank.
-- Training with reference.mode=precomputed and no values fails with an error naming the file and the tool.
+- Training with reference.mode=precomputed and no values computes them at start-up, on all ranks (data=2, and
+  pipeline=2 folded into data parallelism for that pass): the same cached values and the same run as after
+  tools/precompute_reference.py. Values from another reference are an error naming the file and the tool.
 """
 import json
 import os
@@ -122,33 +124,57 @@ def test_two_ranks_write_the_same_values_as_one(tmp_path):
         np.testing.assert_allclose(by_split[split], single[0][split], rtol=0, atol=1e-6)
 
 
-def _train_expecting_errors(rank, world_size, workdir):
+def _with_and_without_tool(rank, world_size, workdir):
+    """DPO at data=2: (a) tools' precompute then train; (b) train only (values computed at start-up);
+    (c) pipeline=2 x data=1 train only; (d) (b)'s cache with another seed: stale values, an error."""
     from megatron.config import ConfigError
-    from megatron.testing.configs import tiny_test_config
     from megatron.engines.precompute import precompute_reference
+    from megatron.testing.configs import tiny_test_config
     from megatron.training.trainer import run_training
 
-    def error_of(cfg):
-        try:
-            run_training(cfg)
-        except ConfigError as exc:
-            return str(exc)
-        return "no error"
+    def cfg(name, extra=()):
+        over = _overrides(workdir, "dpo", "precomputed") + [f"data.cache_dir={workdir}/{name}_cache"] + list(extra)
+        return tiny_test_config(f"{workdir}/{name}", "dpo", world_size, over, iters=3)
 
-    over = [f"data.train_path={_subset(workdir, 'dpo')}", "reference.mode=precomputed"]
-    missing = error_of(tiny_test_config(workdir, "dpo", world_size, over, iters=1))
-    precompute_reference(tiny_test_config(workdir, "dpo", world_size, over, iters=1))
-    # Another seed is another seeded initial model: the stored values are not this run's reference.
-    stale = error_of(tiny_test_config(workdir, "dpo", world_size, over + ["train.seed=7"], iters=1))
-    return missing, stale
+    tool = cfg("tool")
+    written = precompute_reference(tool).paths
+    out = {"tool": run_training(tool).history, "tool_paths": written}
+    out["auto"] = run_training(cfg("auto")).history
+    out["piped"] = run_training(cfg("piped", ["parallel.pipeline=2"])).history
+    try:
+        run_training(cfg("auto", ["train.seed=7"]))
+        out["stale"] = "no error"
+    except ConfigError as exc:
+        out["stale"] = str(exc)
+    return out
 
 
-def test_missing_or_stale_precomputed_values_are_clear_errors(tmp_path):
-    missing, stale = run_distributed(_train_expecting_errors, 1, str(tmp_path))[0]
-    cached = [p for p in (tmp_path / "data_cache").iterdir() if p.name.startswith("pairwise.jsonl-")]
-    assert len(cached) == 1
-    values = str(cached[0] / "data.ref_logps.npy")
-    assert values in missing and "does not exist" in missing, missing
-    assert "data.train_path" in missing and "tools/precompute_reference.py" in missing, missing
+def _values(cache):
+    """{split: values} of the .ref_logps.npy files under a data cache directory."""
+    files = sorted(str(p) for p in cache.glob("*/data.ref_logps.npy"))
+    return {("valid" if "_valid" in f else "train"): np.load(f) for f in files}
+
+
+def test_precomputed_without_the_tool_equals_after_the_tool(tmp_path):
+    runs = run_distributed(_with_and_without_tool, 2, str(tmp_path))
+    out = runs[0]
+    tool = _values(tmp_path / "tool_cache")
+    assert set(tool) == {"train", "valid"} and tool["train"].shape == (2 * SUBSET,)
+    assert {s: np.load(p) for s, p in out["tool_paths"].items()}.keys() == tool.keys()
+    for name in ("auto", "piped"):  # computed at start-up by the training launch: the tool's values
+        got = _values(tmp_path / f"{name}_cache")
+        assert set(got) == {"train", "valid"}, name
+        for split in tool:
+            np.testing.assert_allclose(got[split], tool[split], rtol=0, atol=1e-6, err_msg=f"{name} {split}")
+    losses = {k: [r["loss"] for r in out[k] if "loss" in r] for k in ("tool", "auto", "piped")}
+    evals = {k: [(r["step"], r["eval/loss"]) for r in out[k] if "eval/loss" in r] for k in ("tool", "auto", "piped")}
+    assert len(losses["tool"]) == 3 and [s for s, _ in evals["tool"]] == [0, 3]
+    assert losses["auto"] == pytest.approx(losses["tool"], abs=1e-6, rel=0)  # the same run, step for step
+    assert evals["auto"] == [(s, pytest.approx(v, abs=1e-6, rel=0)) for s, v in evals["tool"]]
+    assert losses["piped"] == pytest.approx(losses["tool"], abs=1e-5, rel=0)
+    assert abs(losses["tool"][-1] - losses["tool"][0]) > 1e-3  # the policy moved: the reference values matter
+    assert [r["loss"] for r in runs[1]["auto"] if "loss" in r] == losses["auto"]  # every rank logged the same
+    # Values from another reference (another seed = another seeded initial model) are not silently used.
+    stale, values = out["stale"], str(next((tmp_path / "auto_cache").glob("pairwise.jsonl-*")) / "data.ref_logps.npy")
     assert values in stale and "train.seed=1234" in stale and "train.seed=7" in stale, stale
-    assert "tools/precompute_reference.py" in stale, stale
+    assert "tools/precompute_reference.py" in stale and "delete" in stale, stale
