@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from dataclasses import dataclass
@@ -24,10 +25,11 @@ from .weights_io import CheckpointError, read_meta, resolve_tag_dir  # noqa: F40
 
 LATEST = "latest"
 FORMAT_VERSION = 1
-# Model keys whose values must agree between a checkpoint and the run that loads it.
+# Model keys whose values must agree between a checkpoint and the run that loads it: the shapes, and the
+# numerics the weights were trained with (rotary base and scaling, norm epsilon).
 SHAPE_KEYS = ("hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "ffn_hidden_size",
               "vocab_size", "norm", "activation", "qkv_bias", "linear_bias", "tie_embeddings",
-              "parallel_residual", "rotary_pct")
+              "parallel_residual", "rotary_pct", "rope_theta", "rope_scaling", "norm_eps")
 
 
 def tag_for_step(step: int) -> str:
@@ -50,8 +52,15 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def rng_state() -> Dict[str, Any]:
-    """Every RNG this process uses (python, numpy, torch CPU and CUDA)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG this process uses (python, numpy, torch CPU and CUDA), as tensors, ints, floats and strings
+    only, so that `torch.load(..., weights_only=True)` reads it back (no pickled numpy arrays or tuples of
+    arbitrary objects)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -59,11 +68,26 @@ def rng_state() -> Dict[str, Any]:
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     """Restore what `rng_state` returned."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_rng_file(path: str) -> Optional[Dict[str, Any]]:
+    """The RNG state saved in `path` (a client/rank*.pt file), read with `weights_only=True`.
+
+    None for a file from before the tensor-only format (it held pickled numpy arrays, which a weights-only
+    load refuses): the run then resumes with fresh RNG streams rather than unpickling arbitrary objects.
+    """
+    try:
+        return torch.load(path, weights_only=True)["rng"]
+    except pickle.UnpicklingError:
+        return None
 
 
 @dataclass
@@ -97,11 +121,30 @@ def is_own_checkpoint(cfg: Config, tag_dir: str) -> bool:
         os.path.abspath(cfg.checkpoint.save)
 
 
+def continues_run(tag_dir: str, cfg: Config) -> bool:
+    """Whether `checkpoint.load`'s training checkpoint `tag_dir` is resumed in full (optimizer, scheduler, step,
+    data position) rather than used as the starting weights of a new stage.
+
+    `checkpoint.load_optimizer` true/false decides; unset, the checkpoint continues only the same run: the
+    same objective on the same training data (a DPO run loading an SFT run starts a new stage at step 0).
+    The run's own checkpoints in `checkpoint.save` always resume in full and never come here.
+    """
+    if cfg.checkpoint.load_optimizer is not None:
+        return cfg.checkpoint.load_optimizer
+    path = os.path.join(tag_dir, "config.yaml")
+    if not os.path.exists(path):
+        return False
+    saved = load_dumped_config(path)
+    return (saved.objective.name, saved.data.train_path) == (cfg.objective.name, cfg.data.train_path)
+
+
 def check_compatible(tag_dir: str, cfg: Config, weights_only: bool = False) -> None:
-    """Refuse a checkpoint whose model shape differs from the configured model, naming each key.
+    """Refuse a checkpoint whose model differs from the configured model, naming each key.
 
     weights_only: the checkpoint only provides starting weights, so a different head is allowed (a reward
     model starts from an SFT model: the trunk loads, the value head keeps its fresh initialisation).
+    A mismatch in the run's own `checkpoint.save` means the directory holds an earlier run of another model:
+    the message says so and how to choose another directory.
     """
     path = os.path.join(tag_dir, "config.yaml")
     if not os.path.exists(path):
@@ -116,9 +159,18 @@ def check_compatible(tag_dir: str, cfg: Config, weights_only: bool = False) -> N
             diffs.append(f"model.{key}: checkpoint {a!r} vs config {b!r}")
     if saved.model.value_head != cfg.model.value_head and not weights_only:
         diffs.append(f"model.value_head: checkpoint {saved.model.value_head!r} vs config {cfg.model.value_head!r}")
-    if diffs:
-        raise CheckpointError(f"checkpoint {tag_dir} was saved from a different model shape:\n  "
-                              + "\n  ".join(diffs) + "\nfix the model section of your config to match it")
+    if not diffs:
+        return
+    detail = "\n  " + "\n  ".join(diffs)
+    if is_own_checkpoint(cfg, tag_dir):
+        root = cfg.checkpoint.save
+        raise CheckpointError(
+            f"checkpoint.save={root} already holds another run, of a different model (its checkpoint "
+            f"{os.path.basename(os.path.normpath(tag_dir))} has:{detail})\nchoose another directory for this run "
+            f"with --set checkpoint.save=NEW_DIR (or delete {root} to start over)")
+    raise CheckpointError(f"checkpoint.load: {tag_dir} was saved from a different model:{detail}\n"
+                          "fix the model section of your config to match it (a converted model's directory has a "
+                          "model.yaml to include)")
 
 
 def canonical_state_dict(module: torch.nn.Module, zero_stage: int) -> Dict[str, torch.Tensor]:
@@ -198,24 +250,29 @@ def load_training_state(tag_dir: str, cfg: Config, ps, engine) -> TrainState:
     """Restore engine (model, optimizer, scheduler), RNG and position from a full training checkpoint."""
     meta = read_meta(tag_dir)
     if (meta.get("tensor"), meta.get("pipeline")) != (ps.tp_size, ps.pp_size):
+        new_stage = ("start a new stage from its weights (re-sharded) with --set checkpoint.save=NEW_DIR "
+                     f"checkpoint.load={tag_dir} checkpoint.load_optimizer=false" if is_own_checkpoint(cfg, tag_dir)
+                     else "set checkpoint.load_optimizer=false to load only the weights (re-sharded)")
         raise CheckpointError(
             f"{tag_dir} was saved at tensor={meta.get('tensor')} pipeline={meta.get('pipeline')} but this run "
-            f"uses tensor={ps.tp_size} pipeline={ps.pp_size}; resume at the saved layout, or set "
-            "checkpoint.load_optimizer=false to load only the weights (re-sharded)")
+            f"uses tensor={ps.tp_size} pipeline={ps.pp_size}; resume at the saved layout, or {new_stage}")
     split = _pipeline_meta(engine).get("blocks_per_stage")
     if split is not None and meta.get("blocks_per_stage", split) != split:
         raise CheckpointError(f"{tag_dir} was saved with blocks per pipeline stage {meta['blocks_per_stage']} but "
                               f"this run splits {split}; set parallel.pipeline_partition="
                               f"{','.join(str(b) for b in meta['blocks_per_stage'])} to resume")
-    load_path, _ = engine.load_checkpoint(tag_dir, tag="deepspeed",
-                                          load_optimizer_states=cfg.checkpoint.load_optimizer,
-                                          load_lr_scheduler_states=cfg.checkpoint.load_optimizer)
+    # A full resume always restores the optimizer: the run's own checkpoints, or `checkpoint.load` of the same
+    # run (`continues_run`); weights-only starts never come here.
+    load_path, _ = engine.load_checkpoint(tag_dir, tag="deepspeed", load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {os.path.join(tag_dir, 'deepspeed')}; the checkpoint is "
                               "incomplete")
     client = os.path.join(tag_dir, "client", f"rank{ps.rank:05d}.pt")
     if os.path.exists(client) and meta.get("world_size") == ps.world_size:
-        set_rng_state(torch.load(client, weights_only=False)["rng"])
+        saved_rng = load_rng_file(client)
+        if saved_rng is not None:
+            set_rng_state(saved_rng)
     return TrainState(step=int(meta["step"]), consumed_samples=int(meta["consumed_samples"]))
 
 

@@ -163,7 +163,9 @@ class CheckpointConfig:
     load: Optional[str] = None  # directory (training checkpoint or converted HF weights)
     interval: int = 0  # 0 = only at the end
     keep_last: int = 2
-    load_optimizer: bool = True
+    # checkpoint.load: resume its optimizer/step/data position? None = only when it is the same run (same
+    # objective and data); another run (DPO from SFT) is a new stage. checkpoint.save always resumes in full.
+    load_optimizer: Optional[bool] = None
     save_on_sigterm: bool = True
 
 

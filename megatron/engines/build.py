@@ -49,10 +49,11 @@ def starting_point(cfg: Config):
     """
     resume_dir = ckpt.find_resume_dir(cfg)
     own = resume_dir is not None and ckpt.is_own_checkpoint(cfg, resume_dir)
-    # Our own checkpoints always resume in full; `checkpoint.load_optimizer: false` applies to a new starting
-    # point (e.g. DPO from an SFT run: its weights, but a fresh optimizer, step 0 and that model as reference).
+    # Our own checkpoints always resume in full; `checkpoint.load` of another run (DPO from SFT) is a new stage
+    # (its weights, a fresh optimizer, step 0 and that model as reference) unless it is the same run or
+    # `checkpoint.load_optimizer` says otherwise (ckpt.continues_run).
     full_resume = (resume_dir is not None and ckpt.has_training_state(resume_dir)
-                   and (own or cfg.checkpoint.load_optimizer))
+                   and (own or ckpt.continues_run(resume_dir, cfg)))
     if resume_dir is not None:
         ckpt.check_compatible(resume_dir, cfg, weights_only=not full_resume)
     init_from = ckpt.read_meta(resume_dir).get("init_from") if full_resume else resume_dir

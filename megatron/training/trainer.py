@@ -28,6 +28,7 @@ from megatron.mpu.distributed import init_distributed
 
 from .memory_report import memory_report, write_memory_report
 from .metrics import MetricsLogger
+from .summary import print_run_summary
 
 
 @dataclass
@@ -268,6 +269,8 @@ def run_training(cfg: Config, hooks: Optional[Hooks] = None) -> TrainResult:
             stop.restore()
         logger.close()
     result.step = state.step
+    if ps.rank == 0:
+        print_run_summary(cfg, state.step, result.stopped_by_signal)
     return result
 
 
