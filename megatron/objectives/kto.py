@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from megatron.config import ConfigError
 
+from .aggregation import example_mean
 from .base import Objective, detached, index, safe_mean
 from .registry import register_objective
 from .stats import SequenceStats
@@ -72,6 +73,8 @@ class KTOObjective(Objective):
 
     Metrics: kl (z0), rewards/chosen and rewards/rejected (mean beta*r over desirable /
     undesirable examples, 0 when there are none; TRL's convention), rewards/margin (their difference),
+    rewards/accuracy (fraction of examples whose implicit reward r = pi - ref has the label's sign: > 0 when
+    desirable, < 0 when undesirable; r == 0, e.g. the untrained policy that is its own reference, counts 1/2),
     logps/chosen, logps/rejected (mean policy logp_sum of desirable / undesirable targets),
     count/chosen, count/rejected (examples of each kind in the micro-batch).
     """
@@ -129,11 +132,13 @@ class KTOObjective(Objective):
         logps = pi[t].detach()
         chosen_reward = safe_mean(rewards[desirable])
         rejected_reward = safe_mean(rewards[~desirable])
+        agrees = torch.where(desirable, torch.sign(r.detach()), -torch.sign(r.detach()))  # +1 / 0 / -1
         return loss, detached({
             "kl": z0,
             "rewards/chosen": chosen_reward,
             "rewards/rejected": rejected_reward,
             "rewards/margin": chosen_reward - rejected_reward,
+            "rewards/accuracy": example_mean((agrees + 1.0) / 2.0, batch),
             "logps/chosen": safe_mean(logps[desirable]),
             "logps/rejected": safe_mean(logps[~desirable]),
             "count/chosen": desirable.sum().to(pi.dtype),

@@ -229,9 +229,10 @@ def kto_case(seed, kl_shift):
 
 def kto_reference(d, beta, dw, uw):
     z0 = max(0.0, mean(d["logp"][k] - d["ref"][k] for k in d["kl"]))
-    losses, rc, rr, lc, lr = [], [], [], [], []
+    losses, rc, rr, lc, lr, agree = [], [], [], [], [], []
     for t, y in zip(d["target"], d["labels"]):
         r = d["logp"][t] - d["ref"][t]
+        agree.append(0.5 if r == 0 else float((r > 0) == (y == 1.0)))  # the reward's sign matches the label
         if y == 1.0:
             losses.append(dw * (1 - sig(beta * (r - z0))))
             rc.append(beta * r)
@@ -243,7 +244,7 @@ def kto_reference(d, beta, dw, uw):
     return sum(losses) / len(losses), {
         "kl": z0, "rewards/chosen": mean(rc), "rewards/rejected": mean(rr), "rewards/margin": mean(rc) - mean(rr),
         "logps/chosen": mean(lc), "logps/rejected": mean(lr), "count/chosen": float(len(rc)),
-        "count/rejected": float(len(rr))}
+        "count/rejected": float(len(rr)), "rewards/accuracy": mean(agree)}
 
 
 @pytest.mark.parametrize("kl_shift,dw,uw", [(1.5, 1.0, 1.0), (-2.0, 1.0, 1.0), (0.8, 1.33, 0.6)])
