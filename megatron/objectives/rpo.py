@@ -20,7 +20,7 @@ Optimization: A Unified Mathematical Framework for Model Alignment", arXiv:2502.
 
 All three are 0 exactly when a = b. Their derivatives in a are sigmoid(a) - sigmoid(b) (bwd_kl),
 sigmoid(a) sigmoid(-a) (a - b) (fwd_kl) and 2 (a - b) (sq). With b -> +inf bwd_kl becomes DPO's
--log sigmoid(a). Per-pair losses are averaged over the micro-batch's pairs, as in DPO.
+-log sigmoid(a). Per-pair losses are averaged over the global batch's pairs, as in DPO.
 
 The reward margin comes from the micro-batch: `batch['margin'][p]` = score_chosen - score_rejected of pair p
 (the data pipeline fills it from the records' score columns; see docs/ARCHITECTURE.md). nll_weight > 0 adds
@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from megatron.config import ConfigError
 
-from .base import Objective, chosen_nll, detached, index, preference_metrics, safe_mean
+from .aggregation import example_mean
+from .base import Objective, chosen_nll, detached, index, preference_metrics
 from .registry import register_objective
 from .stats import SequenceStats
 
@@ -106,7 +107,8 @@ class RPOObjective(Objective):
     def loss(self, policy: SequenceStats, reference: Optional[SequenceStats],
              batch: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """policy/reference: SequenceStats Float[N]; batch chosen_idx/rejected_idx Long[P] and margin Float[P]
-        (score_chosen - score_rejected). Returns (0-dim loss averaged over pairs, metrics)."""
+        (score_chosen - score_rejected). Returns (0-dim loss: mean over pairs, plus nll_weight * chosen-token
+        NLL; both global-batch means through `aggregation` when the loop passes GlobalCounts, metrics)."""
         cfg = self.cfg
         if batch.get("margin") is None:
             raise ValueError("objective 'rpo' needs the reward margin of every pair (micro-batch key 'margin'): "
@@ -120,12 +122,12 @@ class RPOObjective(Objective):
         rejected_ratio = pi[r] - ref[r]
         policy_margin = cfg.beta * (chosen_ratio - rejected_ratio)
         target_margin = cfg.eta * batch["margin"].to(device=pi.device, dtype=pi.dtype)
-        loss = safe_mean(rpo_losses(policy_margin, target_margin, cfg.loss_type))
+        loss = example_mean(rpo_losses(policy_margin, target_margin, cfg.loss_type), batch)
         metrics = {}
         if cfg.nll_weight:
-            nll = chosen_nll(policy, c)
+            nll = chosen_nll(policy, c, batch)
             loss = loss + cfg.nll_weight * nll
             metrics["nll"] = nll
-        metrics.update(preference_metrics(cfg.beta * chosen_ratio, cfg.beta * rejected_ratio, policy, c, r))
-        metrics["target_margin"] = safe_mean(target_margin)
+        metrics.update(preference_metrics(cfg.beta * chosen_ratio, cfg.beta * rejected_ratio, policy, c, r, batch))
+        metrics["target_margin"] = example_mean(target_margin.detach(), batch)
         return loss, detached(metrics)

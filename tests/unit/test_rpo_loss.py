@@ -1,5 +1,6 @@
 """RPO (Nemotron-4 reward-aware preference optimisation): losses, rewards and gradients against an independent
-float64 computation written from the paper, config validation, and the error without reward margins."""
+float64 computation written from the paper, global-batch normalisation over unequal micro-batches, config
+validation, and the error without reward margins."""
 import math
 import random
 
@@ -167,3 +168,41 @@ def test_valid_config_resolves_live_reference_and_pairwise_data():
     # eta belongs to rpo only
     with pytest.raises(ConfigError, match="objective.eta"):
         load_run_config([], ["objective.name=dpo", "objective.eta=2"])
+
+
+@pytest.mark.parametrize("loss_type", ["bwd_kl", "fwd_kl", "sq"])
+def test_unequal_micro_batches_give_the_full_batch_loss_gradient_and_metrics(loss_type):
+    from megatron.objectives.aggregation import GLOBAL_COUNTS, GlobalCounts
+
+    d = random_case(7)
+    logp, pol, refs, batch = tensors(d)
+    obj = build_objective(ObjectiveConfig(name="rpo", loss_type=loss_type, beta=0.4, eta=0.8, nll_weight=0.3))
+    full_loss, full_metrics = obj.loss(pol, refs, batch)
+    full_grad, = torch.autograd.grad(full_loss, logp)
+
+    # Pairs split 3 + 1 + 1 over micro-batches (each with its own sequence numbering), as the loop would.
+    counts = GlobalCounts(units={"examples": float(P), "chosen_tokens": sum(d["counts"][i] for i in d["chosen"])},
+                          contributors=3)
+
+    def micro_batch(part, with_counts):
+        seqs = [d["chosen"][p] for p in part] + [d["rejected"][p] for p in part]
+        k = len(part)
+        sub_batch = {"chosen_idx": torch.arange(k), "rejected_idx": torch.arange(k, 2 * k),
+                     "margin": batch["margin"][part]}
+        if with_counts:
+            sub_batch[GLOBAL_COUNTS] = counts
+        return obj.loss(SequenceStats(pol.logp_sum[seqs], pol.token_count[seqs]),
+                        SequenceStats(refs.logp_sum[seqs], refs.token_count[seqs]), sub_batch)
+
+    parts = ([0, 1, 2], [3], [4])
+    losses, metrics = zip(*(micro_batch(part, True) for part in parts))
+    mean_loss = sum(losses) / len(losses)  # DeepSpeed: / grad_accum, then the mean over data-parallel ranks
+    split_grad, = torch.autograd.grad(mean_loss, logp)
+    assert mean_loss.item() == pytest.approx(full_loss.item(), abs=1e-12, rel=1e-12)
+    torch.testing.assert_close(split_grad, full_grad, rtol=1e-12, atol=1e-14)
+    for key, value in full_metrics.items():  # metrics are global means the same way
+        got = sum(float(m[key]) for m in metrics) / len(metrics)
+        assert got == pytest.approx(float(value), abs=1e-12, rel=1e-12), key
+    # Without the global counts each micro-batch is its own mean and their average differs (the test can fail).
+    local = [micro_batch(part, False)[0].item() for part in parts]
+    assert abs(sum(local) / len(local) - full_loss.item()) > 1e-6
