@@ -55,7 +55,7 @@ class MinHasher:
 
     def signature(self, grams: FrozenSet[str]) -> np.ndarray:
         """uint64[num_perm] MinHash signature of a shingle set."""
-        x = np.fromiter((_hash32(g) for g in sorted(grams)), dtype=np.uint64, count=len(grams))
+        x = np.fromiter((_hash32(g) for g in grams), dtype=np.uint64, count=len(grams))  # min: order-free
         return ((self.a[:, None] * x[None, :] + self.b[:, None]) % _PRIME).min(axis=1)
 
 
@@ -80,14 +80,29 @@ class NearDuplicateIndex:
 
     def find(self, text: str) -> Optional[int]:
         """Id of the earliest-added kept text whose n-gram Jaccard with `text` is >= threshold, else None."""
-        grams = shingles(text, self.ngram)
-        keys = self._band_keys(self.hasher.signature(grams))
-        candidates = sorted({i for band, key in enumerate(keys) for i in self.buckets[band].get(key, ())})
-        return next((i for i in candidates if jaccard(grams, self.grams[i]) >= self.threshold), None)
+        return self._find(*self._prepare(text))
 
     def add(self, item_id: int, text: str) -> None:
         """Keep `text` under `item_id` (ids must be unique)."""
+        self._add(item_id, *self._prepare(text))
+
+    def find_or_add(self, item_id: int, text: str) -> Optional[int]:
+        """`find(text)`; when nothing matches, `add(item_id, text)` and return None (hashes computed once)."""
+        grams, keys = self._prepare(text)
+        match = self._find(grams, keys)
+        if match is None:
+            self._add(item_id, grams, keys)
+        return match
+
+    def _prepare(self, text: str):
         grams = shingles(text, self.ngram)
+        return grams, self._band_keys(self.hasher.signature(grams))
+
+    def _find(self, grams: FrozenSet[str], keys: List[bytes]) -> Optional[int]:
+        candidates = sorted({i for band, key in enumerate(keys) for i in self.buckets[band].get(key, ())})
+        return next((i for i in candidates if jaccard(grams, self.grams[i]) >= self.threshold), None)
+
+    def _add(self, item_id: int, grams: FrozenSet[str], keys: List[bytes]) -> None:
         self.grams[item_id] = grams
-        for band, key in enumerate(self._band_keys(self.hasher.signature(grams))):
+        for band, key in enumerate(keys):
             self.buckets[band].setdefault(key, []).append(item_id)

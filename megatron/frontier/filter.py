@@ -193,8 +193,9 @@ def _deduplicate(units: Sequence[Unit], settings: FilterSettings) -> None:
             continue
         scope = unit.group if settings.dedup_scope == "prompt" else ""
         text = unit.text if settings.dedup_scope == "prompt" else unit.prompt + "\n" + unit.text
+        key = (scope, exact_key(text))
         if settings.exact_dedup:
-            first = seen.get((scope, exact_key(text)))
+            first = seen.get(key)
             if first is not None:
                 unit.verdict, unit.detail = "exact_duplicate", f"of {first.where}"
                 continue
@@ -202,12 +203,11 @@ def _deduplicate(units: Sequence[Unit], settings: FilterSettings) -> None:
             index = indexes.get(scope)
             if index is None:
                 index = indexes[scope] = NearDuplicateIndex(settings.near_dup_threshold, settings.ngram)
-            match = index.find(text)
+            match = index.find_or_add(uid, text)
             if match is not None:
                 unit.verdict, unit.detail = "near_duplicate", f"of {units[match].where}"
                 continue
-            index.add(uid, text)
-        seen[(scope, exact_key(text))] = unit
+        seen[key] = unit
 
 
 def _top_fraction(units: Sequence[Unit], fraction: float) -> None:
