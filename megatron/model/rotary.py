@@ -36,8 +36,10 @@ def compute_inv_freq(rot_dim: int, theta: float, rope_scaling: Optional[Dict[str
     shorter than .../high_freq_factor kept, and those in between interpolated smoothly.
     """
     if rot_dim == 0:
-        return torch.zeros(0, dtype=torch.float)
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim))
+        return torch.zeros(0, dtype=torch.float, device="cpu")
+    # Always a real CPU tensor, even inside `with torch.device("meta")` (deferred model builds): it is a plain
+    # attribute that no state dict or to_empty() restores.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.int64, device="cpu").float() / rot_dim))
     kind = rope_type_of(rope_scaling)
     if kind == "default":
         return inv_freq
