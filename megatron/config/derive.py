@@ -15,7 +15,12 @@ from .schema import Config
 _CHOICES = {
     "model.norm": ("rmsnorm", "layernorm"),
     "model.activation": ("swiglu", "gelu"),
-    "model.attention": ("auto", "flash", "sdpa", "eager"),
+    "model.attention": ("auto", "eager", "sdpa", "segments", "flash"),
+    "model.kernels": ("auto", "eager", "fused"),
+    "model.kernel_ops.norm": ("auto", "eager", "fused", "compiled"),
+    "model.kernel_ops.rotary": ("auto", "eager", "fused", "compiled"),
+    "model.kernel_ops.mlp": ("auto", "eager", "fused", "compiled"),
+    "model.kernel_ops.head": ("auto", "eager", "fused"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "optimizer.schedule": ("constant", "linear", "cosine"),
     "data.format": ("auto", "jsonl", "json", "parquet", "csv", "hf_disk", "indexed"),

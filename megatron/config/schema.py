@@ -12,6 +12,15 @@ from typing import Any, Dict, List, Optional
 
 
 @dataclass
+class KernelOpsConfig:
+    """Per-op overrides of `model.kernels` (megatron/model/kernels/registry.py); auto = follow the preset."""
+    norm: str = "auto"  # auto | eager | fused | compiled
+    rotary: str = "auto"  # auto | eager | fused | compiled
+    mlp: str = "auto"  # auto | eager | fused | compiled
+    head: str = "auto"  # auto | eager | fused (LM head + log-prob in token chunks)
+
+
+@dataclass
 class ModelConfig:
     """Transformer shape and architecture switches.
 
@@ -36,7 +45,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     qkv_bias: bool = False
     linear_bias: bool = False  # bias on attention output and MLP linears (GPT-NeoX)
-    attention: str = "auto"  # auto | flash | sdpa | eager
+    attention: str = "auto"  # auto (follow model.kernels) | eager | sdpa | segments | flash
+    kernels: str = "auto"  # auto | eager | fused: implementation preset of every op (norm, rotary, mlp, attention, head)
+    kernel_ops: KernelOpsConfig = field(default_factory=KernelOpsConfig)
     init_std: float = 0.02
     value_head: bool = False  # scalar head for reward models (set automatically by objective rm)
     dropout: float = 0.0

@@ -31,13 +31,13 @@ def forward_stats(model, batch: Dict[str, torch.Tensor], ps, value_head: bool) -
     value-head model, scores[N] (the value at each sequence's last token).
     """
     if not value_head and isinstance(getattr(model, "module", model), GPTModel):
-        # Only scored positions (loss_mask != 0) need logits: the LM head and the fp32 log-softmax run on those
-        # rows alone ([T, Vp/tp], not [B, S, Vp/tp]), skipping prompt tokens and padding.
+        # Only scored positions (loss_mask != 0) need log-probs: the model's head + log-prob op (kernel registry:
+        # eager logits then chunked log-softmax, or fused in token chunks; padded vocabulary ids masked) runs on
+        # those rows alone, skipping prompt tokens and padding.
         mask = batch["loss_mask"]
         index = (mask.reshape(-1) != 0).nonzero().squeeze(1)
-        logits = model(batch["input_ids"], batch["position_ids"], batch["segment_ids"], logit_index=index)
-        logps = vocab_parallel_logprobs(logits, batch["labels"].reshape(-1).index_select(0, index), ps,
-                                        chunk_size=LOGPROB_CHUNK_TOKENS)
+        logps = model(batch["input_ids"], batch["position_ids"], batch["segment_ids"], logit_index=index,
+                      labels=batch["labels"].reshape(-1).index_select(0, index))
         token_logps = logps.new_zeros(mask.numel()).index_copy(0, index, logps).view(mask.shape)
         return sequence_stats(token_logps, batch)
     out = model(batch["input_ids"], batch["position_ids"], batch["segment_ids"])

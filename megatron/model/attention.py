@@ -7,8 +7,10 @@ from torch import nn
 from megatron.mpu import ColumnParallelLinear, ParallelState, RowParallelLinear, divide
 
 from .attention_backends import core_attention
+from .kernels.registry import resolve_kernels
+from .kernels.rotary import rotary_kernel
 from .layer_utils import init_method, sequence_parallel_group
-from .rotary import RotaryEmbedding, apply_rotary
+from .rotary import RotaryEmbedding
 
 
 class SelfAttention(nn.Module):
@@ -29,7 +31,9 @@ class SelfAttention(nn.Module):
         self.num_heads = divide(m.num_attention_heads, ps.tp_size, "model.num_attention_heads")
         self.num_kv_heads = divide(d.num_kv_heads, ps.tp_size, "num_kv_heads")
         self.head_dim = hd
-        self.backend = m.attention
+        plan = resolve_kernels(m)  # the kernel registry: attention backend and rotary implementation
+        self.backend = plan.attention
+        self._rotate = rotary_kernel(plan.rotary)
         sp = sequence_parallel_group(cfg, ps) is not None
         nq, nkv = m.num_attention_heads, d.num_kv_heads
         self.qkv = ColumnParallelLinear(m.hidden_size, (nq + 2 * nkv) * hd, ps, bias=m.qkv_bias,
@@ -52,8 +56,7 @@ class SelfAttention(nn.Module):
         q = q.reshape(B, S, self.num_heads, hd)
         k = k.reshape(B, S, self.num_kv_heads, hd)
         v = v.reshape(B, S, self.num_kv_heads, hd)
-        cos, sin = self.rotary(position_ids, q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self._rotate(self.rotary, q, k, position_ids)
         if cache is not None:
             out = cache.attend(q, k, v)  # [B, S, nq/tp, hd]
         else:

@@ -1,6 +1,8 @@
 """Core attention kernels, chosen in one place: `eager` (the plain-torch reference twin), `sdpa`
-(torch scaled_dot_product_attention with a block-diagonal causal mask) and `flash` (flash-attn varlen,
-CUDA fp16/bf16 only); `auto` picks flash when usable, else sdpa.
+(torch scaled_dot_product_attention over the whole row with a block-diagonal causal mask), `segments`
+(padding-free: one causal SDPA call per packed sequence, so a row costs the sum of its segments' squares and
+padding costs nothing) and `flash` (flash-attn varlen, CUDA fp16/bf16 only); `auto` picks flash when usable,
+else segments.
 
 All take q [B, S, nq, hd], k, v [B, S, nkv, hd] (nq a multiple of nkv: grouped-query attention, Ainslie et
 al. 2023, arXiv:2305.13245; query head i reads kv head i // (nq/nkv)) and segment_ids [B, S] (1..k per packed
@@ -11,14 +13,14 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .varlen import varlen_attention
 
-BACKENDS = ("auto", "flash", "sdpa", "eager")
+BACKENDS = ("auto", "flash", "segments", "sdpa", "eager")
 
 
 def flash_attn_installed() -> bool:
@@ -36,7 +38,7 @@ def resolve_backend(name: str, q: torch.Tensor) -> str:
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r} is not one of {', '.join(BACKENDS)}")
     if name == "auto":
-        return "flash" if flash_usable(q) else "sdpa"
+        return "flash" if flash_usable(q) else "segments"
     if name == "flash" and not flash_usable(q):
         why = ("flash_attn is not installed" if not flash_attn_installed() else
                f"tensors are on {q.device} in {q.dtype}; flash-attn needs CUDA fp16/bf16")
@@ -94,6 +96,45 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_id
     return _zero_padding(out.transpose(1, 2), segment_ids)
 
 
+def segment_runs(segment_ids: torch.Tensor) -> Tuple[List[int], List[bool]]:
+    """Runs of equal segment id over the flattened rows: (lengths, is_real) as python lists.
+
+    segment_ids [B, S] -> runs covering all B*S positions in order; a run never crosses a row boundary, and
+    is_real is False for padding runs (segment 0). One host sync (the lists drive per-segment kernel calls).
+    """
+    B, S = segment_ids.shape
+    flat = segment_ids.reshape(-1)
+    start = torch.ones_like(flat, dtype=torch.bool)
+    start[1:] = flat[1:] != flat[:-1]
+    start[::S] = True
+    first = start.nonzero().squeeze(1)
+    lengths = torch.diff(first, append=first.new_tensor([flat.numel()]))
+    return lengths.tolist(), (flat[first] != 0).tolist()
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor,
+                      scale: Optional[float] = None) -> torch.Tensor:
+    """Padding-free attention for packed rows: causal SDPA on each sequence alone. Shapes as in the module
+    docstring. The flattened tokens are split into runs (torch.split, whose backward is one concatenation)
+    and each real run attends causally to itself (no mask tensor: SDPA's is_causal path, which also skips the
+    blocks above the diagonal); padding runs give zeros."""
+    B, S, nq, hd = q.shape
+    nkv = k.shape[2]
+    lengths, real = segment_runs(segment_ids)
+    qs = q.reshape(B * S, nq, hd).split(lengths)
+    ks = k.reshape(B * S, nkv, hd).split(lengths)
+    vs = v.reshape(B * S, nkv, v.shape[-1]).split(lengths)
+    outs = []
+    for n, is_real, qi, ki, vi in zip(lengths, real, qs, ks, vs):
+        if not is_real:
+            outs.append(qi.new_zeros(n, nq, vi.shape[-1]))
+            continue
+        o = F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1),
+                                           is_causal=True, scale=scale, enable_gqa=nq != nkv)  # [nq, n, hd]
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs).view(B, S, nq, outs[0].shape[-1])
+
+
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor,
                     scale: Optional[float] = None) -> torch.Tensor:
     """flash_attn_varlen_func over the real tokens (cu_seqlens from segment_ids); GQA handled by the kernel."""
@@ -107,5 +148,6 @@ def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_id
                    backend: str = "auto", scale: Optional[float] = None) -> torch.Tensor:
     """Dispatch to the backend named by `backend` (cfg.model.attention). Returns [B, S, nq, hd]."""
     name = resolve_backend(backend, q)
-    kernel = flash_attention if name == "flash" else sdpa_attention if name == "sdpa" else eager_attention
-    return kernel(q, k, v, segment_ids, scale)
+    kernels = {"flash": flash_attention, "segments": segment_attention, "sdpa": sdpa_attention,
+               "eager": eager_attention}
+    return kernels[name](q, k, v, segment_ids, scale)

@@ -82,14 +82,28 @@ class GPTModel(nn.Module):
             return tied_lm_head_forward(self.embedding, x)
         return self.lm_head(x)
 
+    def head_logprobs(self, x: Hidden, labels: torch.Tensor, logit_index: Optional[torch.Tensor] = None,
+                      with_entropy: bool = False):
+        """(h, pos, seg) after the final norm, labels [B, S] (or [T] at logit_index) -> log p(labels) fp32
+        (and the entropy). The untied head runs through lm_head's own call (its hooks fire, e.g. ZeRO-3)."""
+        if hasattr(self, "value_head"):
+            raise ValueError("GPTModel.forward(labels=...): this model has a value head, not an LM head")
+        if self.tie_embeddings:
+            return self.embedding.lm_logprobs(x[0], labels, logit_index, with_entropy)
+        return self.lm_head(x, targets=labels, index=logit_index, with_entropy=with_entropy)
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor,
-                logit_index: Optional[torch.Tensor] = None, cache=None) -> torch.Tensor:
+                logit_index: Optional[torch.Tensor] = None, cache=None, labels: Optional[torch.Tensor] = None,
+                with_entropy: bool = False):
         """[B, S] ids, positions, segments -> logits shard [B, S, Vp/tp] (or values [B, S] fp32).
 
         logit_index: optional Long[T] flat positions b*S+t; the head then runs on those positions only and
         returns [T, Vp/tp] (or [T]): no logits for positions nobody scores (prompt tokens, padding).
         cache: generation only, a megatron.generation.KVCache between its begin() and commit(): every block
         stores its new keys/values there and attends over the cached prefix (segment_ids unused, may be None).
+        labels: target ids [B, S] (or [T] with logit_index): returns log p(labels) fp32 of that shape instead of
+        logits (with `with_entropy`, (logp, entropy)), by the kernel registry's `head` op (fused: never all the
+        logits at once); padded vocabulary ids have probability 0.
         """
         if cache is not None:
             return self._forward_cached(input_ids, position_ids, logit_index, cache)
@@ -100,6 +114,8 @@ class GPTModel(nn.Module):
             run = _run_blocks(blocks[start:start + step])
             x = activation_checkpoint_func(run, *x) if self.checkpoint_chunk and self.training else run(*x)
         x = self.final_norm(x)
+        if labels is not None:
+            return self.head_logprobs(x, labels, logit_index, with_entropy)
         if logit_index is None:
             return self.head(x)
         if self.embedding.sp_group is not None:  # h is a sequence shard; the head gathers it first

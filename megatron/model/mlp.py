@@ -7,6 +7,8 @@ from torch import nn
 
 from megatron.mpu import ColumnParallelLinear, ParallelState, RowParallelLinear
 
+from .kernels.activation import fused_swiglu, swiglu
+from .kernels.registry import resolve_kernels
 from .layer_utils import init_method, sequence_parallel_group
 
 
@@ -29,13 +31,22 @@ class MLP(nn.Module):
                                         chunks=[ffn, ffn] if self.swiglu else None)
         self.fc2 = RowParallelLinear(ffn, m.hidden_size, ps, bias=m.linear_bias, input_is_parallel=True,
                                      init_method=init_method(cfg), sequence_parallel=sp)
+        self.kernel = resolve_kernels(m).mlp
+        self._act = activation_kernel(self.swiglu, self.kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, S(/tp), H] -> [B, S(/tp), H]."""
-        h = self.fc1(x)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)  # exact erf form, as GPT-NeoX's "gelu"
-        return self.fc2(h)
+        return self.fc2(self._act(self.fc1(x)))
+
+
+def activation_kernel(swiglu_act: bool, kernel: str):
+    """h -> activation(h) for registry choice `kernel` (eager | fused | compiled): SwiGLU ([.., 2F] = [gate | up]
+    -> silu(gate) * up [.., F]) or exact-erf GeLU (GPT-NeoX's "gelu"; one native kernel, the same in all)."""
+    if kernel not in ("eager", "fused", "compiled"):
+        raise ValueError(f"mlp kernel {kernel!r} is not one of eager, fused, compiled")
+    if kernel == "compiled":
+        from .kernels.compiled import compiled_activation
+        return compiled_activation(swiglu_act)
+    if not swiglu_act:
+        return F.gelu
+    return fused_swiglu if kernel == "fused" else swiglu

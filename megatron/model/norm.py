@@ -13,6 +13,9 @@ import torch.nn.functional as F
 
 from megatron.mpu import copy_to_tp_region
 
+from .kernels.norm import fused_rms_norm
+from .kernels.registry import resolve_kernels
+
 NORM_KINDS = ("rmsnorm", "layernorm")
 
 
@@ -46,12 +49,16 @@ class Norm(nn.Module):
     parameters pass through `copy_to_tp_region` (identity forward, all-reduce backward) to sum it over the group.
     """
 
-    def __init__(self, hidden_size: int, kind: str = "rmsnorm", eps: float = 1e-5, sp_group: Any = None):
+    def __init__(self, hidden_size: int, kind: str = "rmsnorm", eps: float = 1e-5, sp_group: Any = None,
+                 kernel: str = "eager"):
         super().__init__()
         if kind not in NORM_KINDS:
             raise ValueError(f"norm kind {kind!r} is not one of {', '.join(NORM_KINDS)}")
         self.kind = kind
         self.eps = eps
+        self.kernel = kernel
+        # RMSNorm's implementation (megatron.model.kernels registry); LayerNorm is torch's native kernel in all.
+        self._rms = rms_norm_kernel(kernel)
         self.weight = nn.Parameter(torch.ones(hidden_size))
         if kind == "layernorm":
             self.bias = nn.Parameter(torch.zeros(hidden_size))
@@ -66,11 +73,11 @@ class Norm(nn.Module):
             weight = copy_to_tp_region(weight, self.sp_group)
             bias = copy_to_tp_region(bias, self.sp_group) if bias is not None else None
         if self.kind == "rmsnorm":
-            return rms_norm(x, weight, self.eps)
+            return self._rms(x, weight, self.eps)
         return layer_norm(x, weight, bias, self.eps)
 
     def extra_repr(self) -> str:
-        return f"{self.kind}, hidden={self.weight.shape[0]}, eps={self.eps}"
+        return f"{self.kind}, hidden={self.weight.shape[0]}, eps={self.eps}, kernel={self.kernel}"
 
 
 class RMSNorm(Norm):
@@ -87,8 +94,20 @@ class LayerNorm(Norm):
         super().__init__(hidden_size, "layernorm", eps, sp_group)
 
 
+def rms_norm_kernel(kernel: str):
+    """The RMSNorm function `(x, weight, eps) -> y` of registry choice `kernel` (eager | fused | compiled)."""
+    if kernel == "eager":
+        return rms_norm
+    if kernel == "fused":
+        return fused_rms_norm
+    if kernel == "compiled":
+        from .kernels.compiled import compiled_rms_norm
+        return compiled_rms_norm()
+    raise ValueError(f"norm kernel {kernel!r} is not one of eager, fused, compiled")
+
+
 def build_norm(cfg, sp_group: Any = None) -> Norm:
-    """The norm chosen by `cfg.model.norm` with eps `cfg.model.norm_eps` over `cfg.model.hidden_size`;
-    `sp_group`: the TP group when sequence parallelism is on, else None."""
+    """The norm chosen by `cfg.model.norm` with eps `cfg.model.norm_eps` over `cfg.model.hidden_size`, implemented
+    as the kernel registry says; `sp_group`: the TP group when sequence parallelism is on, else None."""
     m = cfg.model
-    return Norm(m.hidden_size, m.norm, m.norm_eps, sp_group)
+    return Norm(m.hidden_size, m.norm, m.norm_eps, sp_group, kernel=resolve_kernels(m).norm)

@@ -24,6 +24,8 @@ from megatron.mpu import (ColumnParallelLinear, ParallelState, VocabParallelEmbe
                           gather_from_sequence_parallel_region)
 
 from .block import TransformerBlock
+from .head import head_input, head_logprobs
+from .kernels.registry import resolve_kernels
 from .layer_utils import init_method, sequence_parallel_group
 from .norm import Norm
 
@@ -44,6 +46,7 @@ class EmbeddingStage(nn.Module):
         self.word_embeddings = VocabParallelEmbedding(cfg.derived.padded_vocab_size, cfg.model.hidden_size, ps,
                                                       init_method=init_method(cfg),
                                                       sequence_parallel=self.sp_group is not None)
+        self.ps, self.vocab_size, self.head_kernel = ps, cfg.model.vocab_size, resolve_kernels(cfg.model).head
 
     def forward(self, inputs: Hidden) -> Hidden:
         """(ids, pos, seg) -> (h [B, S(/tp), H], pos, seg)."""
@@ -57,6 +60,12 @@ class EmbeddingStage(nn.Module):
         else:
             h = copy_to_tp_region(h, self.tp_group)
         return F.linear(h, self.word_embeddings.weight)
+
+    def lm_logprobs(self, h: torch.Tensor, targets: torch.Tensor, index=None, with_entropy: bool = False):
+        """Tied head + log-prob (registry op `head`): h [B, S(/tp), H] (or [T, H] selected), targets [B, S] (or
+        [T] at flat positions `index`) -> log p(targets) fp32 (and the entropy), padded ids masked."""
+        return head_logprobs(head_input(h, self.ps, self.sp_group, index), self.word_embeddings.weight, targets,
+                             self.ps, self.head_kernel, self.vocab_size, with_entropy)
 
 
 class BlockStage(TransformerBlock):
@@ -73,7 +82,8 @@ class FinalNormStage(Norm):
 
     def __init__(self, cfg, ps: ParallelState):
         m = cfg.model
-        super().__init__(m.hidden_size, m.norm, m.norm_eps, sequence_parallel_group(cfg, ps))
+        super().__init__(m.hidden_size, m.norm, m.norm_eps, sequence_parallel_group(cfg, ps),
+                         kernel=resolve_kernels(m).norm)
 
     def forward(self, inputs: Hidden) -> Hidden:  # type: ignore[override]
         """(h [B, S(/tp), H], pos, seg) -> (normalised h, pos, seg)."""
@@ -84,16 +94,24 @@ class FinalNormStage(Norm):
 class LMHeadStage(ColumnParallelLinear):
     """Untied output projection `weight` [Vp/tp, H], no bias, output not gathered (vocab-parallel logits).
 
-    forward((h [B, S(/tp), H], pos, seg)) -> logits shard [B, S, Vp/tp] (the sequence is gathered under SP).
+    forward((h [B, S(/tp), H], pos, seg)) -> logits shard [B, S, Vp/tp] (the sequence is gathered under SP);
+    with `targets`, the head + log-prob op instead (see `forward`).
     """
 
     def __init__(self, cfg, ps: ParallelState):
         super().__init__(cfg.model.hidden_size, cfg.derived.padded_vocab_size, ps, bias=False, gather_output=False,
                          init_method=init_method(cfg), sequence_parallel=sequence_parallel_group(cfg, ps) is not None)
+        self.ps, self.vocab_size, self.head_kernel = ps, cfg.model.vocab_size, resolve_kernels(cfg.model).head
+        self.sp_group = ps.tp_group if self.sequence_parallel else None
 
-    def forward(self, inputs: Hidden) -> torch.Tensor:  # type: ignore[override]
-        """(h, pos, seg) -> logits shard [B, S, Vp/tp]."""
-        return super().forward(inputs[0])
+    def forward(self, inputs: Hidden, targets=None, index=None, with_entropy: bool = False):  # type: ignore[override]
+        """(h, pos, seg) -> logits shard [B, S, Vp/tp]. With targets ([B, S], or [T] at flat positions `index`):
+        log p(targets) fp32 of the same shape (and the entropy with `with_entropy`), by the registry's `head`
+        kernel, padded vocabulary ids masked; no logits are returned (the fused kernel never holds them all)."""
+        if targets is None:
+            return super().forward(inputs[0])
+        return head_logprobs(head_input(inputs[0], self.ps, self.sp_group, index), self.weight, targets, self.ps,
+                             self.head_kernel, self.vocab_size, with_entropy)
 
 
 class ValueHeadStage(nn.Linear):

@@ -17,8 +17,12 @@ __all__ = [
     "divide", "shard_tensor", "unshard_tensor",
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "normal_init",
 ]
-from megatron.mpu.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_logprobs
+from megatron.mpu.cross_entropy import (mask_padded_vocab, valid_vocab_columns, vocab_parallel_cross_entropy,
+                                        vocab_parallel_entropy, vocab_parallel_log_softmax, vocab_parallel_logprobs,
+                                        vocab_parallel_logprobs_entropy)
+from megatron.mpu.fused_logprobs import fused_linear_logprobs
 from megatron.mpu.random import MODEL_PARALLEL_RNG, RNGTracker, model_parallel_seed
 
-__all__ += ["vocab_parallel_cross_entropy", "vocab_parallel_logprobs", "MODEL_PARALLEL_RNG", "RNGTracker",
-            "model_parallel_seed"]
+__all__ += ["vocab_parallel_cross_entropy", "vocab_parallel_logprobs", "vocab_parallel_logprobs_entropy",
+            "vocab_parallel_entropy", "vocab_parallel_log_softmax", "mask_padded_vocab", "valid_vocab_columns",
+            "fused_linear_logprobs", "MODEL_PARALLEL_RNG", "RNGTracker", "model_parallel_seed"]
