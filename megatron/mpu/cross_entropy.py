@@ -129,6 +129,8 @@ def softmax_grad(x: torch.Tensor, lse: torch.Tensor, entropy: Optional[torch.Ten
 
     With log p = x - lse and p = exp(log p): d logp_t/dx_j = [j = t] - p_j, d H/dx_j = -p_j (log p_j + H).
     """
+    if x.shape[1] == 0:  # a shard of padding only: no gradient
+        return x
     x.sub_(lse[:, None])  # log p
     p = x.exp()
     if g_ent is not None:
