@@ -21,32 +21,36 @@ from .forward import LOGPROB_CHUNK_TOKENS
 from .pipeline_batch import from_pipe_labels
 
 
-def output_stats(out: torch.Tensor, batch: Dict[str, torch.Tensor], ps, value_head: bool) -> SequenceStats:
+def output_stats(out: torch.Tensor, batch: Dict[str, torch.Tensor], ps, value_head: bool,
+                 vocab_size: Optional[int] = None) -> SequenceStats:
     """Head output -> per-sequence statistics, exactly as `forward.forward_stats` does after the model.
 
-    out: logits shard [B, S, Vp/tp] (or values [B, S] fp32 with a value head).
+    out: logits shard [B, S, Vp/tp] (or values [B, S] fp32 with a value head); vocab_size: cfg.model.vocab_size
+    (ids >= it are padding rows of the head and get probability 0; None = no padding).
     Returns SequenceStats(logp_sum[N], token_count[N], scores[N] | None).
     """
     if value_head:
         zeros = torch.zeros(batch["labels"].shape, dtype=torch.float32, device=out.device)
         return sequence_stats(zeros, batch, scores_per_token=out.float())
-    token_logps = vocab_parallel_logprobs(out, batch["labels"], ps, chunk_size=LOGPROB_CHUNK_TOKENS)
+    token_logps = vocab_parallel_logprobs(out, batch["labels"], ps, chunk_size=LOGPROB_CHUNK_TOKENS,
+                                          vocab_size=vocab_size)
     return sequence_stats(token_logps, batch)
 
 
 class ReferenceCollector:
     """loss_fn of the frozen reference engine: queue each micro-batch's reference SequenceStats."""
 
-    def __init__(self, queue: Deque[SequenceStats], ps, value_head: bool):
+    def __init__(self, queue: Deque[SequenceStats], ps, value_head: bool, vocab_size: Optional[int] = None):
         self.queue = queue
         self.ps = ps
         self.value_head = value_head
+        self.vocab_size = vocab_size
 
     def __call__(self, outputs: torch.Tensor, labels: Tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Queue the stats; return a 0-dim dummy (DeepSpeed's eval collects a loss per micro-batch)."""
         batch = from_pipe_labels(labels)
         with torch.no_grad():
-            stats = output_stats(outputs, batch, self.ps, self.value_head)
+            stats = output_stats(outputs, batch, self.ps, self.value_head, self.vocab_size)
         self.queue.append(SequenceStats(stats.logp_sum.detach(), stats.token_count.detach(),
                                         None if stats.scores is None else stats.scores.detach()))
         return torch.zeros((), device=outputs.device)
@@ -61,8 +65,10 @@ class PolicyLoss:
     """
 
     def __init__(self, objective, ps, value_head: bool, reference_mode: str,
-                 reference_queue: Optional[Deque[SequenceStats]] = None, counts: Optional[GlobalCounts] = None):
+                 reference_queue: Optional[Deque[SequenceStats]] = None, counts: Optional[GlobalCounts] = None,
+                 vocab_size: Optional[int] = None):
         self.counts = counts
+        self.vocab_size = vocab_size
         self.objective = objective
         self.ps = ps
         self.value_head = value_head
@@ -85,7 +91,7 @@ class PolicyLoss:
         batch = from_pipe_labels(labels)
         if self.counts is not None:
             batch[GLOBAL_COUNTS] = self.counts
-        policy = output_stats(outputs, batch, self.ps, self.value_head)
+        policy = output_stats(outputs, batch, self.ps, self.value_head, self.vocab_size)
         loss, metrics = self.objective.loss(policy, self._reference(batch), batch)
         row = {"loss": float(loss.detach())}
         row.update({k: float(v) for k, v in metrics.items()})
