@@ -322,18 +322,41 @@ def reshard(full: Dict[str, torch.Tensor], cfg: Config, tp: int, pp: int,
 
 
 # -------------------------------------------------------------------------------------------- disk I/O
+SHARD_SUFFIXES = (".safetensors", ".pt")  # safetensors since issue 11; torch .pt files are still read
+
+
+def shard_path(tag_dir: str, t: int, p: int, subdir: str = "weights") -> str:
+    """The file of tensor rank `t`, pipeline stage `p` in `tag_dir/<subdir>/`: the `.safetensors` file, or a legacy
+    `.pt` file when only that exists (the `.safetensors` path when neither does: where to write, or to name)."""
+    stem = os.path.join(tag_dir, subdir, f"tp{t:02d}_pp{p:02d}")
+    for suffix in SHARD_SUFFIXES:
+        if os.path.isfile(stem + suffix):
+            return stem + suffix
+    return stem + SHARD_SUFFIXES[0]
+
+
 def weights_file(tag_dir: str, t: int, p: int) -> str:
-    """Path of the shard file of tensor rank `t`, pipeline stage `p` in `tag_dir`."""
-    return os.path.join(tag_dir, "weights", f"tp{t:02d}_pp{p:02d}.pt")
+    """Path of the weight shard of tensor rank `t`, pipeline stage `p` in `tag_dir` (see `shard_path`)."""
+    return shard_path(tag_dir, t, p)
 
 
 def _fp32(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous().clone()
-            for k, v in sd.items()}
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous() for k, v in sd.items()}
+
+
+def write_shard(path: str, sd: Dict[str, torch.Tensor]) -> None:
+    """Write one shard's state dict as a safetensors file, floating tensors in fp32."""
+    from .tensor_files import save_tensors
+    save_tensors(path, _fp32(sd))
+
+
+def load_shard(path: str) -> Dict[str, torch.Tensor]:
+    """Every tensor of one shard file (safetensors, or a legacy torch .pt state dict)."""
+    return _load_shard(path)
 
 
 def write_weights(tag_dir: str, shards: Dict[Tuple[int, int], Dict[str, torch.Tensor]], meta: dict) -> dict:
-    """Write `tag_dir/weights/tp{t:02d}_pp{p:02d}.pt` (fp32) for every shard and `tag_dir/meta.json`.
+    """Write `tag_dir/weights/tp{t:02d}_pp{p:02d}.safetensors` (fp32) for every shard and `tag_dir/meta.json`.
 
     `shards` must cover the full grid tensor x pipeline. meta.json gets
     `{format, tensor, pipeline, blocks_per_stage, step, ...meta}`; returns the written meta.
@@ -345,17 +368,46 @@ def write_weights(tag_dir: str, shards: Dict[Tuple[int, int], Dict[str, torch.Te
     missing = [(t, p) for t in range(tp) for p in range(pp) if (t, p) not in shards]
     if missing:
         raise ValueError(f"write_weights: shards missing for (tensor, pipeline) ranks {missing}")
+    full_meta = write_meta(tag_dir, tp, pp, meta, [len(_blocks_in(shards[(0, p)])) for p in range(pp)])
+    os.makedirs(os.path.join(tag_dir, "weights"), exist_ok=True)
+    for (t, p), sd in shards.items():
+        write_shard(os.path.join(tag_dir, "weights", f"tp{t:02d}_pp{p:02d}.safetensors"), sd)
+    return full_meta
+
+
+def write_meta(tag_dir: str, tp: int, pp: int, meta: dict, blocks_per_stage: Sequence[int]) -> dict:
+    """Write `tag_dir/meta.json` = {format, tensor, pipeline, step, blocks_per_stage, ...meta}; returns it."""
     full_meta = {"format": FORMAT_VERSION, "tensor": tp, "pipeline": pp, "step": 0}
     full_meta.update(meta)
     full_meta["tensor"], full_meta["pipeline"], full_meta["format"] = tp, pp, FORMAT_VERSION
-    if "blocks_per_stage" not in full_meta:
-        full_meta["blocks_per_stage"] = [len(_blocks_in(shards[(0, p)])) for p in range(pp)]
-    os.makedirs(os.path.join(tag_dir, "weights"), exist_ok=True)
-    for (t, p), sd in shards.items():
-        torch.save(_fp32(sd), weights_file(tag_dir, t, p))
+    full_meta.setdefault("blocks_per_stage", list(blocks_per_stage))
+    os.makedirs(tag_dir, exist_ok=True)
     with open(os.path.join(tag_dir, "meta.json"), "w", encoding="utf-8") as fh:
         json.dump(full_meta, fh, indent=2)
     return full_meta
+
+
+def begin_checkpoint(ckpt_dir: str, tag: str) -> str:
+    """Create the empty temporary tag directory `ckpt_dir/<tag>.tmp` (a stale one is removed); returns it."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    tmp = os.path.join(ckpt_dir, tag) + ".tmp"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    return tmp
+
+
+def commit_checkpoint(ckpt_dir: str, tag: str) -> str:
+    """Rename `ckpt_dir/<tag>.tmp` to `ckpt_dir/<tag>` and point `ckpt_dir/latest` at it; returns the tag dir."""
+    final = os.path.join(ckpt_dir, tag)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(final + ".tmp", final)
+    latest_tmp = os.path.join(ckpt_dir, "latest.tmp")
+    with open(latest_tmp, "w", encoding="utf-8") as fh:
+        fh.write(tag + "\n")
+    os.replace(latest_tmp, os.path.join(ckpt_dir, "latest"))
+    return final
 
 
 def write_checkpoint(ckpt_dir: str, tag: str, cfg: Config,
@@ -365,22 +417,10 @@ def write_checkpoint(ckpt_dir: str, tag: str, cfg: Config,
     The tag is written as `<tag>.tmp`, renamed when complete, then `ckpt_dir/latest` is set to `tag`.
     Returns the tag directory.
     """
-    os.makedirs(ckpt_dir, exist_ok=True)
-    final = os.path.join(ckpt_dir, tag)
-    tmp = final + ".tmp"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    tmp = begin_checkpoint(ckpt_dir, tag)
     dump_config(cfg, os.path.join(tmp, "config.yaml"))
     write_weights(tmp, shards, meta)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    latest_tmp = os.path.join(ckpt_dir, "latest.tmp")
-    with open(latest_tmp, "w", encoding="utf-8") as fh:
-        fh.write(tag + "\n")
-    os.replace(latest_tmp, os.path.join(ckpt_dir, "latest"))
-    return final
+    return commit_checkpoint(ckpt_dir, tag)
 
 
 def list_tags(ckpt_dir: str) -> List[str]:
@@ -446,15 +486,13 @@ def read_config(tag_dir: str) -> Config:
 
 
 def _load_shard(path: str) -> Dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise CheckpointError(f"missing file: {path}")
+    from .tensor_files import TensorFile, TensorFileError
+
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated / not a torch file
-        raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path} does not hold a state dict (got {type(sd).__name__})")
-    return sd
+        with TensorFile(path) as f:
+            return f.read_all()
+    except TensorFileError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def read_shards(tag_dir: str, cfg: Config, meta: dict) -> Dict[Tuple[int, int], Dict[str, torch.Tensor]]:
@@ -499,9 +537,14 @@ def read_weights(path: str, tag: Optional[str] = None) -> Tuple[Dict[str, torch.
 
     Returns (full state dict at tensor=1 with vocab rows padded to pad_vocab(vocab, 1), meta, cfg).
     Raises CheckpointError naming the missing file, the bad `latest`, or the mismatching tensor.
+    Holds the whole model: a rank that needs its own shard only reads it with `sharded_read.CheckpointSource`.
     """
+    from .sharded_read import CheckpointSource
+
     tag_dir = resolve_tag_dir(path, tag)
-    meta = read_meta(tag_dir)
-    cfg = read_config(tag_dir)
-    shards = read_shards(tag_dir, cfg, meta)
-    return merge_shards(shards, cfg), meta, cfg
+    with CheckpointSource(tag_dir) as src:
+        for t in range(src.tensor):  # every shard file must exist and match the saved config
+            for p in range(src.pipeline):
+                src.file(t, p)
+        full = {k: src.read_full(k) for k in src.keys()}
+    return full, src.meta, src.cfg

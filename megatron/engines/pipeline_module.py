@@ -12,9 +12,11 @@ A PipelineModule names parameters by spec index (`'3.attention.qkv.weight'`) and
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, List
 
 import torch
+from deepspeed.accelerator import get_accelerator
 from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
@@ -33,9 +35,10 @@ class StagedPipelineModule(PipelineModule):
     Extra attributes: `blocks_per_stage` (the split, recorded in checkpoints) and `model_cfg` (for names).
     """
 
-    def __init__(self, layers, parts: List[int], blocks: List[int], cfg: Config, **kwargs):
-        # Read by _partition_layers, which PipelineModule.__init__ calls before it returns.
+    def __init__(self, layers, parts: List[int], blocks: List[int], cfg: Config, deferred: bool = False, **kwargs):
+        # Read by _partition_layers and _build, which PipelineModule.__init__ calls before it returns.
         object.__setattr__(self, "_explicit_parts", list(parts))
+        object.__setattr__(self, "_deferred", deferred)
         super().__init__(layers, partition_method="explicit", **kwargs)
         self.blocks_per_stage = list(blocks)
         self.model_cfg = cfg
@@ -44,6 +47,19 @@ class StagedPipelineModule(PipelineModule):
         self.parts = list(self._explicit_parts)
         stage = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    def _build(self) -> None:
+        """DeepSpeed's layer build; `deferred`: on the meta device, then allocated uninitialised (`to_empty`),
+        for weights about to be loaded: no random draws and no full-size master weights on any rank."""
+        if not self._deferred:
+            super()._build()
+            return
+        with torch.device("meta"):
+            super()._build()
+        buffers = [name for name, _ in self.named_buffers()]
+        if buffers:
+            raise RuntimeError(f"deferred pipeline build: buffers {buffers[:4]} would stay uninitialised")
+        self.to_empty(device=get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
 
     def canonical_key(self, key: str) -> str:
         """PipelineModule state-dict key -> canonical name ('3.mlp.fc1.weight' -> 'blocks.2.mlp.fc1.weight')."""
@@ -79,8 +95,8 @@ def topology(cfg: Config) -> PipeModelDataParallelTopology:
                                          num_dp=cfg.derived.data_parallel)
 
 
-def build_pipeline_module(cfg: Config, ps, loss_fn=None,
-                          activation_checkpointing: bool = True) -> StagedPipelineModule:
+def build_pipeline_module(cfg: Config, ps, loss_fn=None, activation_checkpointing: bool = True,
+                          deferred: bool = False) -> StagedPipelineModule:
     """This rank's stage of the model as a StagedPipelineModule (collective: every rank must call it).
 
     Activation checkpointing (cfg.parallel.activation_checkpointing) recomputes every
@@ -88,6 +104,7 @@ def build_pipeline_module(cfg: Config, ps, loss_fn=None,
     model's non-reentrant checkpoint function (it restores the RNG, so dropout is recomputed identically);
     `activation_checkpointing=False` turns it off whatever the config says (a frozen reference).
     Shapes may change between micro-batches (`dynamic_shape`): packed micro-batches have varying rows.
+    `deferred=True`: parameters allocated but not initialised (weights are loaded next; see `_build`).
     """
     bps = blocks_per_stage(cfg)
     on = activation_checkpointing and cfg.parallel.activation_checkpointing
@@ -96,7 +113,8 @@ def build_pipeline_module(cfg: Config, ps, loss_fn=None,
     # record that broadcast into the parameter's history and backpropagate through it.
     with torch.no_grad():
         module = StagedPipelineModule(
-            layer_specs(cfg, ps), parts=stage_boundaries(bps), blocks=bps, cfg=cfg, topology=topology(cfg),
+            layer_specs(cfg, ps), parts=stage_boundaries(bps), blocks=bps, cfg=cfg, deferred=deferred,
+            topology=topology(cfg),
             loss_fn=loss_fn, seed_layers=True, seed_fn=torch.manual_seed, base_seed=cfg.train.seed,
             activation_checkpoint_interval=interval, activation_checkpoint_func=activation_checkpoint_func,
             checkpointable_layers=list(CHECKPOINTABLE_LAYERS), dynamic_shape=True)
@@ -110,14 +128,17 @@ def build_pipeline_module(cfg: Config, ps, loss_fn=None,
 
 
 def load_weights_into_stage(module: StagedPipelineModule, tag_dir: str, cfg: Config, ps) -> None:
-    """Load canonical weights of any tensor/pipeline layout from `tag_dir` into this rank's stage."""
-    from megatron.checkpoint.weights_io import CheckpointError
-    from megatron.checkpoint.weights_io import read_weights, split_tp
+    """Load canonical weights of any tensor/pipeline layout from `tag_dir` into this rank's stage, reading only
+    this stage's tensors and this tensor rank's slices of them, one tensor at a time."""
+    from megatron.checkpoint.module_io import load_from_source
+    from megatron.checkpoint.sharded_read import CheckpointSource
 
-    full, _meta, _saved = read_weights(tag_dir)
-    shard = split_tp(full, cfg, ps.tp_size)[ps.tp_rank]
-    try:
-        module.load_canonical(shard)
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"{tag_dir}: {exc}") from None
-
+    with CheckpointSource(tag_dir) as source:
+        kept = load_from_source(module, source, cfg, ps, where=tag_dir)
+    if kept:
+        from .build import seeded_value_head
+        fresh = seeded_value_head(cfg, ps)
+        with torch.no_grad():
+            for key, p in module.named_parameters():
+                if module.canonical_key(key) in kept:
+                    p.copy_(fresh[module.canonical_key(key)])

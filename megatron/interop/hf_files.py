@@ -1,6 +1,8 @@
 """Files of a Hugging Face model directory: weights (safetensors / pytorch .bin, sharded or not), tokenizer.
 
-Tensors are read directly; no model is instantiated.
+Tensors are read directly; no model is instantiated. `hf_weight_files` lists where each tensor is without
+reading any data (the streaming converters in `hf_stream.py` then read slice by slice);
+`load_hf_state_dict` reads everything (small models, tests).
 """
 from __future__ import annotations
 
@@ -59,6 +61,43 @@ def load_hf_state_dict(hf_dir: str) -> Dict[str, torch.Tensor]:
         if missing:
             raise ConversionError(f"{path} lists tensors absent from its shards: {missing[:5]}")
         return sd
+    present = sorted(os.listdir(hf_dir)) if os.path.isdir(hf_dir) else []
+    raise ConversionError(f"no weights in {hf_dir}: expected one of {', '.join(WEIGHT_FILES)}; found {present}")
+
+
+def hf_weight_files(hf_dir: str) -> Dict[str, str]:
+    """{tensor name: file path} of the HF model in `hf_dir`, from the index or the single file's header, without
+    reading any tensor data. Same search order and errors as `load_hf_state_dict`."""
+    from megatron.checkpoint.tensor_files import TensorFile, TensorFileError
+
+    def names(path: str) -> List[str]:
+        if not os.path.isfile(path):
+            raise ConversionError(f"missing weights file: {path}")
+        try:
+            with TensorFile(path) as f:
+                return f.names()
+        except TensorFileError as exc:
+            raise ConversionError(str(exc)) from None
+
+    for name in WEIGHT_FILES:
+        path = os.path.join(hf_dir, name)
+        if not os.path.isfile(path):
+            continue
+        if not name.endswith(".index.json"):
+            return {k: path for k in names(path)}
+        try:
+            with open(path, "r", encoding="utf-8") as fh:
+                weight_map = json.load(fh)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ConversionError(f"{path} is not a valid weight index (need a 'weight_map'): {exc}") from None
+        out: Dict[str, str] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = os.path.join(hf_dir, shard)
+            out.update({k: shard_path for k in names(shard_path)})
+        missing = [k for k in weight_map if k not in out]
+        if missing:
+            raise ConversionError(f"{path} lists tensors absent from its shards: {missing[:5]}")
+        return out
     present = sorted(os.listdir(hf_dir)) if os.path.isdir(hf_dir) else []
     raise ConversionError(f"no weights in {hf_dir}: expected one of {', '.join(WEIGHT_FILES)}; found {present}")
 

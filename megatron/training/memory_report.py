@@ -7,7 +7,9 @@
 bytes under its ZeRO stage, the frozen reference's bytes for reference.mode=live, and activation bytes of
 its pipeline stage, per micro-batch and for the micro-batches in flight under DeepSpeed's 1F1B schedule);
 the formulas are in megatron/training/memory_formulas.py. The trainer prints `format_report` once on rank 0
-at start-up and writes `<logging.dir>/memory.json` (`write_memory_report`).
+at start-up and writes `<logging.dir>/memory.json` (`write_memory_report`); at the end of the run
+`report_measured_memory` adds every rank's measured peak (CPU: peak RSS; GPU: `torch.cuda.max_memory_allocated`)
+beside its estimate to memory.json and prints both.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from megatron.config import Config
 
@@ -157,6 +159,104 @@ def write_memory_report(cfg: Config, report: Optional[Dict[str, Any]] = None, pa
     if echo:
         print(format_report(report), flush=True)
     return report
+
+
+# ------------------------------------------------------------------------------------------- measured
+def rss_bytes() -> Tuple[int, int]:
+    """(current, peak) resident memory of this process in bytes: VmRSS and VmHWM of /proc/self/status, or
+    (0, ru_maxrss) where /proc is absent. The peak includes file pages the process has mapped."""
+    try:
+        with open("/proc/self/status", "r", encoding="ascii") as fh:
+            fields = dict(line.split(":", 1) for line in fh if ":" in line)
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return 0, peak * (1 if sys.platform == "darwin" else 1024)
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak-RSS count (VmHWM) at the current RSS (Linux `clear_refs`); False where unsupported.
+    Lets a test measure the peak of one phase (a save) rather than of the whole process."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def start_memory_measurement() -> Dict[str, int]:
+    """This rank's memory before the model is built (RSS; on GPU also the allocator, whose peak is reset)."""
+    import torch
+
+    start = {"rss_bytes": rss_bytes()[0]}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        start["cuda_bytes"] = int(torch.cuda.memory_allocated())
+    return start
+
+
+def measure_peak_memory(start: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
+    """This rank's measured peak: `peak_bytes` is `torch.cuda.max_memory_allocated()` on GPU, else the peak RSS;
+    `start_bytes` the same quantity at `start_memory_measurement`; `peak_rss_bytes` always the peak RSS."""
+    import torch
+
+    start = start or {}
+    _, peak_rss = rss_bytes()
+    if torch.cuda.is_available():
+        return {"kind": "cuda_max_memory_allocated", "peak_bytes": int(torch.cuda.max_memory_allocated()),
+                "start_bytes": int(start.get("cuda_bytes", 0)), "peak_rss_bytes": peak_rss}
+    return {"kind": "cpu_peak_rss", "peak_bytes": peak_rss, "start_bytes": int(start.get("rss_bytes", 0)),
+            "peak_rss_bytes": peak_rss}
+
+
+def report_measured_memory(cfg: Config, report: Dict[str, Any], ps, start: Optional[Dict[str, int]] = None,
+                           path: Optional[str] = None, echo: bool = True) -> Optional[Dict[str, Any]]:
+    """At the end of a run: every rank's measured peak beside its estimate (collective: all ranks call it).
+
+    Rank 0 adds `measured` = {kind, ranks: [{rank, stage, estimate_bytes, peak_bytes, start_bytes}]} to `report`,
+    rewrites memory.json (`path`, default `<logging.dir>/memory.json`) and prints the table; it returns the
+    report there, None elsewhere. On CPU the measured peak is the whole process's RSS, so it also holds
+    Python, torch and DeepSpeed (about `start_bytes`) and the data; the estimate counts model states and
+    activations only.
+    """
+    import torch.distributed as dist
+
+    mine = {"rank": ps.rank, **measure_peak_memory(start)}
+    rows = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        rows = [None] * dist.get_world_size()
+        dist.all_gather_object(rows, mine)
+    if ps.rank != 0:
+        return None
+    ranks = []
+    for row in sorted(rows, key=lambda r: r["rank"]):
+        est = report["ranks"][row["rank"]]
+        ranks.append({"rank": row["rank"], "stage": est["stage"], "tensor_rank": est["tensor_rank"],
+                      "data_rank": est["data_rank"], "estimate_bytes": est["total_bytes"],
+                      "peak_bytes": row["peak_bytes"], "start_bytes": row["start_bytes"],
+                      "peak_rss_bytes": row["peak_rss_bytes"]})
+    report["measured"] = {"kind": rows[0]["kind"], "ranks": ranks}
+    write_memory_report(cfg, report, path=path, echo=False)
+    if echo:
+        print(format_measured(report), flush=True)
+    return report
+
+
+def format_measured(report: Dict[str, Any]) -> str:
+    """The measured table, one row per rank, in MiB."""
+    meas = report["measured"]
+    what = "peak RSS" if meas["kind"] == "cpu_peak_rss" else "torch.cuda.max_memory_allocated"
+    mib = 2 ** 20
+    cols = ("rank", "stage", "estimate", "measured", "at start", "meas-start")
+    rows = [f"memory per rank (MiB): measured {what} beside the estimate (the estimate counts model states and "
+            "activations; the measurement is the whole process)", " ".join(f"{c:>10}" for c in cols)]
+    for r in meas["ranks"]:
+        vals = (r["rank"], r["stage"], f"{r['estimate_bytes'] / mib:.1f}", f"{r['peak_bytes'] / mib:.1f}",
+                f"{r['start_bytes'] / mib:.1f}", f"{(r['peak_bytes'] - r['start_bytes']) / mib:.1f}")
+        rows.append(" ".join(f"{v:>10}" for v in vals))
+    return "\n".join(rows)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -170,7 +170,8 @@ def test_pipeline_checkpoint_merges_to_canonical_weights(runs, name):
     # Both stages' files hold canonical names: stage 1 the last block, the final norm and the head (or the
     # tied embedding copy).
     tag_dir = resolve_tag_dir(f"{root}/piped/{name}/ckpt", tag)
-    stage1 = torch.load(os.path.join(tag_dir, "weights", "tp00_pp01.pt"))
+    from megatron.checkpoint.weights_io import load_shard, weights_file
+    stage1 = load_shard(weights_file(tag_dir, 0, 1))
     assert "blocks.1.attention.qkv.weight" in stage1 and "final_norm.weight" in stage1
     assert not any(k.startswith("blocks.0.") for k in stage1)
 

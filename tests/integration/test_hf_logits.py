@@ -102,7 +102,7 @@ def test_tp1_logits_match_transformers(converted, case):
     logits, ids, ck1, _ = converted[case]
     tag_dir = os.path.join(ck1, "release")
     cfg = wio.read_config(tag_dir)
-    state = torch.load(wio.weights_file(tag_dir, 0, 0), weights_only=True)
+    state = wio.load_shard(wio.weights_file(tag_dir, 0, 0))
     ours = our_forward(cfg, state, ids)
     assert ours.shape == (2, 24, cfg.derived.padded_vocab_size)
     diff = (ours[..., :VOCAB] - logits).abs().max().item()
@@ -117,7 +117,7 @@ def _tp2_worker(rank, world_size, cases):
     for case, (logits, ids, ckpt) in cases.items():
         tag_dir = wio.resolve_tag_dir(ckpt)
         cfg = wio.read_config(tag_dir)
-        state = torch.load(wio.weights_file(tag_dir, ps.tp_rank, 0), weights_only=True)
+        state = wio.load_shard(wio.weights_file(tag_dir, ps.tp_rank, 0))
         shard = our_forward(cfg, state, ids, ps).contiguous()
         parts = [torch.empty_like(shard) for _ in range(2)]
         dist.all_gather(parts, shard)

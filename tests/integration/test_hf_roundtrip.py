@@ -42,7 +42,7 @@ def test_round_trip_tp2_pp2_bit_identical(tmp_path, case):
     hf = make_hf(case, hf_dir, seed=3)
     hf_to_megatron(hf_dir, ck, tp=2, pp=2)
     assert sorted(os.listdir(os.path.join(ck, "release", "weights"))) == \
-        ["tp00_pp00.pt", "tp00_pp01.pt", "tp01_pp00.pt", "tp01_pp01.pt"]
+        ["tp00_pp00.safetensors", "tp00_pp01.safetensors", "tp01_pp00.safetensors", "tp01_pp01.safetensors"]
     megatron_to_hf(ck, back)
     a, b = load_file(os.path.join(hf_dir, "model.safetensors")), load_file(os.path.join(back, "model.safetensors"))
     assert set(a) == set(b)

@@ -139,7 +139,7 @@ def test_write_read_round_trip(tmp_path, tp, pp, bps):
     ck = tmp_path / "ck"
     assert (ck / "latest").read_text().strip() == "step5"
     files = sorted(os.listdir(ck / "step5" / "weights"))
-    assert files == [f"tp{t:02d}_pp{p:02d}.pt" for t in range(tp) for p in range(pp)]
+    assert files == [f"tp{t:02d}_pp{p:02d}.safetensors" for t in range(tp) for p in range(pp)]
     meta = json.loads((ck / "step5" / "meta.json").read_text())
     assert meta["format"] == 1 and meta["tensor"] == tp and meta["pipeline"] == pp and meta["step"] == 5
     assert meta["blocks_per_stage"] == (bps or wio.default_blocks_per_stage(3, pp))
@@ -163,15 +163,15 @@ def test_write_weights_stores_fp32(tmp_path):
     cfg = _cfg(1)
     full = {k: v.bfloat16() for k, v in _model_state(cfg, 0, 1).items()}
     wio.write_weights(str(tmp_path), {(0, 0): full}, {"step": 1})
-    sd = torch.load(tmp_path / "weights" / "tp00_pp00.pt", weights_only=True)
+    sd = wio.load_shard(str(tmp_path / "weights" / "tp00_pp00.safetensors"))
     assert all(v.dtype == torch.float32 for v in sd.values())
 
 
 def test_error_missing_shard_names_path(tmp_path):
     _write(tmp_path, 2, 1)
-    path = tmp_path / "ck" / "step5" / "weights" / "tp01_pp00.pt"
+    path = tmp_path / "ck" / "step5" / "weights" / "tp01_pp00.safetensors"
     path.unlink()
-    with pytest.raises(wio.CheckpointError, match="missing file: .*tp01_pp00.pt"):
+    with pytest.raises(wio.CheckpointError, match="missing file: .*tp01_pp00.safetensors"):
         wio.read_weights(str(tmp_path / "ck"))
 
 
@@ -202,19 +202,19 @@ def test_error_not_a_checkpoint(tmp_path):
 
 def test_error_shape_mismatch_names_tensor_and_shapes(tmp_path):
     _write(tmp_path, 2, 1)
-    path = tmp_path / "ck" / "step5" / "weights" / "tp00_pp00.pt"
-    sd = torch.load(path, weights_only=True)
+    path = str(tmp_path / "ck" / "step5" / "weights" / "tp00_pp00.safetensors")
+    sd = wio.load_shard(path)
     sd["blocks.1.mlp.fc2.weight"] = torch.zeros(64, 32)
-    torch.save(sd, path)
+    wio.write_shard(path, sd)
     with pytest.raises(wio.CheckpointError, match=r"blocks\.1\.mlp\.fc2\.weight.*\(64, 32\).*\(64, 64\)"):
         wio.read_weights(str(tmp_path / "ck"))
 
 
 def test_error_unexpected_key(tmp_path):
     _write(tmp_path, 1, 1)
-    path = tmp_path / "ck" / "step5" / "weights" / "tp00_pp00.pt"
-    sd = torch.load(path, weights_only=True)
+    path = str(tmp_path / "ck" / "step5" / "weights" / "tp00_pp00.safetensors")
+    sd = wio.load_shard(path)
     sd["blocks.0.bogus"] = torch.zeros(1)
-    torch.save(sd, path)
+    wio.write_shard(path, sd)
     with pytest.raises(wio.CheckpointError, match="unexpected keys.*blocks.0.bogus"):
         wio.read_weights(str(tmp_path / "ck"))
