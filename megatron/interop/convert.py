@@ -21,10 +21,12 @@ import yaml
 from megatron.config import Config, ConfigError, config_from_dict
 from megatron.config.derive import derive_and_validate
 from megatron.checkpoint import weights_io as wio
+from megatron.checkpoint.sharded_read import CheckpointSource, write_shards
 
 from .hf_config import ConversionError, architecture_of, family_for_export, hf_to_model_fields, model_to_hf_config
-from .hf_files import copy_tokenizer, load_hf_state_dict, save_hf_state_dict
-from .hf_mapping import canonical_to_hf, hf_to_canonical
+from .hf_files import copy_tokenizer
+from .hf_stream import HFSource, write_hf_weights
+from . import token_ids
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -91,9 +93,8 @@ def hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str =
         cfg.objective.name = "rm"  # the objective that trains a value head (config validation requires it)
     _check_tp(cfg, tp)
     _resolve(cfg, tp, pp)
-    full = hf_to_canonical(load_hf_state_dict(hf_dir), cfg, family)
-    wio.check_keys_and_shapes(full, cfg, 1, f"converted {hf_dir}")
-    shards = wio.reshard(full, cfg, tp, pp, blocks_per_stage)
+    bps = _blocks_per_stage(cfg, pp, blocks_per_stage)
+    source = HFSource(hf_dir, cfg, family)  # checks names and shapes before anything is written
     os.makedirs(out, exist_ok=True)
     if copy_tokenizer(hf_dir, os.path.join(out, "tokenizer")):
         cfg.data.tokenizer = os.path.abspath(os.path.join(out, "tokenizer"))
@@ -101,12 +102,36 @@ def hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str =
     for name in ("config.json", "generation_config.json"):
         if os.path.isfile(os.path.join(hf_dir, name)):
             shutil.copyfile(os.path.join(hf_dir, name), os.path.join(out, "hf", name))
-    bps = list(blocks_per_stage) if blocks_per_stage else wio.default_blocks_per_stage(cfg.model.num_layers, pp)
     meta = {"step": 0, "consumed_samples": 0, "blocks_per_stage": bps, "source": os.path.abspath(hf_dir),
             "hf_architecture": (raw.get("architectures") or [family])[0]}
-    tag_dir = wio.write_checkpoint(out, RELEASE_TAG, cfg, shards, meta)
+    tag_dir = _write_streamed(out, RELEASE_TAG, cfg, source, tp, pp, bps, meta)
     write_model_yaml(cfg, os.path.join(out, "model.yaml"))
     return tag_dir
+
+
+def _blocks_per_stage(cfg: Config, pp: int, blocks_per_stage: Optional[Sequence[int]]) -> list:
+    """The pipeline split to write: `blocks_per_stage` (checked) or the uniform default."""
+    bps = list(blocks_per_stage) if blocks_per_stage else wio.default_blocks_per_stage(cfg.model.num_layers, pp)
+    if len(bps) != pp or sum(bps) != cfg.model.num_layers:
+        raise ValueError(f"blocks_per_stage={bps} must have {pp} entries summing to num_layers="
+                         f"{cfg.model.num_layers}")
+    return bps
+
+
+def _write_streamed(out: str, tag: str, cfg: Config, source, tp: int, pp: int, bps: Sequence[int],
+                    meta: dict) -> str:
+    """Write checkpoint `out/<tag>` (config.yaml, meta.json, weights/) from `source` one tensor slice at a time,
+    atomically (`<tag>.tmp` renamed when complete, then `latest`). Returns the tag dir."""
+    from megatron.config import dump_config
+
+    tmp = wio.begin_checkpoint(out, tag)
+    try:
+        dump_config(cfg, os.path.join(tmp, "config.yaml"))
+        write_shards(source, tmp, cfg, tp, pp, bps)
+    finally:
+        source.close()
+    wio.write_meta(tmp, tp, pp, meta, bps)
+    return wio.commit_checkpoint(out, tag)
 
 
 def _find_tokenizer(ckpt: str, cfg: Config) -> Optional[str]:
@@ -117,38 +142,75 @@ def _find_tokenizer(ckpt: str, cfg: Config) -> Optional[str]:
     return tok if tok and os.path.exists(tok) else None
 
 
+def _write_generation_config(hf_cfg, out: str, base_generation: Optional[dict], ids: dict) -> None:
+    """generation_config.json: the base model's (sampling defaults and all) or one derived from `hf_cfg`, with
+    the token ids of `ids` (`token_ids.export_generation_ids`)."""
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig.from_dict(dict(base_generation)) if base_generation else \
+        GenerationConfig.from_model_config(hf_cfg)
+    for key, value in ids.items():
+        setattr(gen, key, value)
+    gen.save_pretrained(out)
+
+
+def _set_tokenizer_pad(out: str, token: str) -> None:
+    """Make the exported tokenizer pad with `token` (tokenizer_config.json's pad_token)."""
+    path = os.path.join(out, "tokenizer_config.json")
+    data = token_ids.read_json(path) or {}
+    data["pad_token"] = token
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, ensure_ascii=False)
+
+
 def megatron_to_hf(ckpt: str, out: str, tag: Optional[str] = None, architecture: Optional[str] = None,
-                   dtype: str = "fp32", drop_value_bias: bool = False) -> str:
+                   dtype: str = "fp32", drop_value_bias: bool = False, tokenizer: Optional[str] = None) -> str:
     """Export checkpoint `ckpt` (any tensor x pipeline layout, `latest` or `tag`) as a transformers model dir.
 
     A value-head model becomes `*ForSequenceClassification` (num_labels=1, score.weight = value_head.weight);
-    a non-zero value-head bias is an error unless `drop_value_bias`. Returns `out`.
+    a non-zero value-head bias is an error unless `drop_value_bias`. Token ids (bos/eos/pad) come from the
+    tokenizer (`tokenizer`, else the checkpoint's own or `data.tokenizer`), which is copied alongside; the base
+    model's config.json / generation_config.json are found along the checkpoint's starting points
+    (`token_ids.find_base_hf_dir`). Returns `out`.
     """
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    full, meta, cfg = wio.read_weights(ckpt, tag)
+    source = CheckpointSource(wio.resolve_tag_dir(ckpt, tag))  # read one tensor at a time while writing
+    meta, cfg = source.meta, source.cfg
     family = family_for_export(cfg, architecture)
-    base = None
-    base_path = os.path.join(_ckpt_root(ckpt), "hf", "config.json")
-    if os.path.isfile(base_path):
-        with open(base_path, "r", encoding="utf-8") as fh:
-            base = json.load(fh)
+    hf_dir = token_ids.find_base_hf_dir(wio.resolve_tag_dir(ckpt, tag), cfg)
+    base = token_ids.read_json(os.path.join(hf_dir, "config.json")) if hf_dir else None
+    base_gen = token_ids.read_json(os.path.join(hf_dir, "generation_config.json")) if hf_dir else None
+    if tokenizer and not os.path.exists(tokenizer):
+        raise ConversionError(f"--tokenizer {tokenizer}: no such file or directory")
+    tok = tokenizer or _find_tokenizer(ckpt, cfg)
+    tok_ids = token_ids.tokenizer_ids(tok) if tok else None
+    if tok_ids is None:
+        print(f"warning: no tokenizer found for {ckpt} (data.tokenizer={cfg.data.tokenizer!r}); bos/eos/pad ids "
+              "come from the base model's config or transformers' defaults: pass --tokenizer DIR", file=sys.stderr)
     torch_dtype = DTYPES[dtype]
     hf_cfg = model_to_hf_config(cfg, family, cfg.model.value_head, _HF_DTYPE_NAMES[torch_dtype], base)
-    hf_sd = canonical_to_hf(full, cfg, family, torch_dtype, drop_value_bias)
+    ids = token_ids.export_token_ids(tok_ids, base, base_gen, cfg.model.value_head)
+    for key, value in ids.items():
+        setattr(hf_cfg, key, value)
     os.makedirs(out, exist_ok=True)
+    with source:
+        write_hf_weights(source, cfg, family, out, torch_dtype, drop_value_bias)
     hf_cfg.save_pretrained(out)
-    save_hf_state_dict(hf_sd, out)
     if not cfg.model.value_head:
-        gen_path = os.path.join(_ckpt_root(ckpt), "hf", "generation_config.json")
-        if os.path.isfile(gen_path):
-            shutil.copyfile(gen_path, os.path.join(out, "generation_config.json"))
-        else:
-            from transformers import GenerationConfig
-            GenerationConfig.from_model_config(hf_cfg).save_pretrained(out)
-    tok = _find_tokenizer(ckpt, cfg)
+        _write_generation_config(hf_cfg, out, base_gen, token_ids.export_generation_ids(ids, tok_ids, base_gen))
     if tok:
         copy_tokenizer(tok, out)
+    pad = ids["pad_token_id"]
+    if cfg.model.value_head and tok_ids is not None:
+        if pad is None:
+            print("warning: the tokenizer has no special token other than EOS to pad with; batched scoring in "
+                  "transformers needs a pad_token_id that is not EOS (see README: reward models)", file=sys.stderr)
+        elif pad != tok_ids.pad and pad in tok_ids.tokens and os.path.isfile(os.path.join(out, "tokenizer_config.json")):
+            # Padding with EOS would move transformers' score off the EOS it is read at (see token_ids).
+            _set_tokenizer_pad(out, tok_ids.tokens[pad])
+            print(f"note: the exported tokenizer pads with {tok_ids.tokens[pad]!r} (id {pad}), not EOS, so batched "
+                  "scoring reads each score at its EOS", file=sys.stderr)
     return out
 
 
@@ -159,11 +221,11 @@ def reshard_checkpoint(ckpt: str, out: str, tp: int, pp: int, tag: Optional[str]
     Optimizer/engine state is not carried over. Returns the new tag dir.
     """
     tag_dir = wio.resolve_tag_dir(ckpt, tag)
-    full, meta, cfg = wio.read_weights(tag_dir)
-    cfg = copy.deepcopy(cfg)
+    source = CheckpointSource(tag_dir)
+    meta, cfg = source.meta, copy.deepcopy(source.cfg)
     _check_tp(cfg, tp)
     _resolve(cfg, tp, pp)
-    shards = wio.reshard(full, cfg, tp, pp, blocks_per_stage)
+    bps = _blocks_per_stage(cfg, pp, blocks_per_stage)
     root = _ckpt_root(tag_dir)
     os.makedirs(out, exist_ok=True)
     for sub in ("tokenizer", "hf"):
@@ -173,10 +235,9 @@ def reshard_checkpoint(ckpt: str, out: str, tp: int, pp: int, tag: Optional[str]
             if sub == "tokenizer" and cfg.data.tokenizer and os.path.abspath(cfg.data.tokenizer) == os.path.abspath(src):
                 cfg.data.tokenizer = os.path.abspath(os.path.join(out, sub))
     new_meta = {k: v for k, v in meta.items() if k not in ("tensor", "pipeline", "blocks_per_stage", "format")}
-    new_meta["blocks_per_stage"] = list(blocks_per_stage) if blocks_per_stage else \
-        wio.default_blocks_per_stage(cfg.model.num_layers, pp)
+    new_meta["blocks_per_stage"] = bps
     new_meta["resharded_from"] = {"tensor": meta["tensor"], "pipeline": meta["pipeline"]}
-    new_dir = wio.write_checkpoint(out, os.path.basename(os.path.normpath(tag_dir)), cfg, shards, new_meta)
+    new_dir = _write_streamed(out, os.path.basename(os.path.normpath(tag_dir)), cfg, source, tp, pp, bps, new_meta)
     if os.path.isfile(os.path.join(root, "model.yaml")) or os.path.isdir(os.path.join(root, "hf")):
         write_model_yaml(cfg, os.path.join(out, "model.yaml"))
     return new_dir

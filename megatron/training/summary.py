@@ -72,7 +72,7 @@ def run_summary(cfg: Config, step: int, stopped_by_signal: bool = False) -> str:
         lines.append("  checkpoint: none (set checkpoint.save to keep the trained weights)")
     else:
         lines.append(f"  checkpoint: {ckpt}")
-        out = os.path.join(os.path.dirname(os.path.normpath(cfg.checkpoint.save)) or ".", "hf")
+        out = os.path.join(cfg.logging.dir, "hf")
         # HF's score layer has no bias: a reward model exports without it (scores shift by a constant).
         flag = " --drop-value-bias" if cfg.model.value_head else ""
         lines.append(f"  export: python tools/ckpts/convert_megatron_to_hf.py --ckpt {cfg.checkpoint.save} "

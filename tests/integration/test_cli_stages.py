@@ -50,4 +50,4 @@ def test_resume_stages_and_summary(tmp_path, capfd):
     err = capfd.readouterr().err
     assert "run summary: step 4 of 4" in err and "run summary: step 2 of 2" in err
     assert f"checkpoint: {tmp_path}/dpo_ck/step_0000002" in err
-    assert f"python tools/ckpts/convert_megatron_to_hf.py --ckpt {tmp_path}/dpo_ck --out {tmp_path}/hf" in err
+    assert f"python tools/ckpts/convert_megatron_to_hf.py --ckpt {tmp_path}/dpo_ck --out {tmp_path}/dpo/logs/hf" in err

@@ -22,6 +22,15 @@ def _train(rank, world_size, workdir, objective, overrides):
     return [row["loss"] for row in run_training(cfg).history]
 
 
+def _tiny_ids():
+    """(bos, eos, pad) ids of the shipped tiny tokenizer."""
+    from transformers import AutoTokenizer
+    from megatron.testing.configs import DATA
+    tok = AutoTokenizer.from_pretrained(os.path.join(DATA, "tokenizer"))
+    assert tok.pad_token_id not in (None, tok.eos_token_id)
+    return tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+
+
 def _ids(vocab: int, seq: int = 16) -> torch.Tensor:
     return torch.randint(1, vocab, (1, seq), generator=torch.Generator().manual_seed(0))
 
@@ -37,7 +46,13 @@ def test_trained_sft_model_exports_with_our_logits(tmp_path):
     assert meta["step"] == 2 and meta["tensor"] == 2
     out = str(tmp_path / "hf")
     megatron_to_hf(ck, out)
-    assert json.load(open(os.path.join(out, "config.json")))["architectures"] == ["LlamaForCausalLM"]
+    hf_cfg = json.load(open(os.path.join(out, "config.json")))
+    assert hf_cfg["architectures"] == ["LlamaForCausalLM"]
+    # Token ids of the tokenizer it was trained with (data/tiny/tokenizer), not LlamaConfig's 1 / 2 / None.
+    tok = _tiny_ids()
+    assert (hf_cfg["bos_token_id"], hf_cfg["eos_token_id"], hf_cfg["pad_token_id"]) == tok
+    gen = json.load(open(os.path.join(out, "generation_config.json")))
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == tok
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = _ids(cfg.model.vocab_size)
     with torch.no_grad():
@@ -57,6 +72,8 @@ def test_trained_reward_model_exports_as_sequence_classification(tmp_path):
     assert cfg.model.value_head and meta["step"] == 2
     out = str(tmp_path / "hf")
     megatron_to_hf(ck, out, drop_value_bias=True)
+    hf_cfg = json.load(open(os.path.join(out, "config.json")))
+    assert (hf_cfg["bos_token_id"], hf_cfg["eos_token_id"], hf_cfg["pad_token_id"]) == _tiny_ids()
     hf = AutoModelForSequenceClassification.from_pretrained(out).eval()
     ids = _ids(cfg.model.vocab_size)
     with torch.no_grad():

@@ -68,7 +68,7 @@ def test_summary_lists_final_and_best_eval_paths_and_export(tmp_path):
     assert "best eval: eval/loss 0.55 at step 10, eval/rewards/accuracy 0.8 at step 10" in text
     assert f"checkpoint: {ck / 'step_0000030'}" in text
     assert os.path.join(cfg.logging.dir, "metrics.jsonl") in text
-    assert f"python tools/ckpts/convert_megatron_to_hf.py --ckpt {ck} --out {tmp_path / 'hf'}" in text
+    assert f"python tools/ckpts/convert_megatron_to_hf.py --ckpt {ck} --out {tmp_path / 'logs' / 'hf'}" in text
     # No checkpoint and no eval: says so and how to get them.
     bare = tiny_test_config(str(tmp_path / "b"), "sft")
     text = run_summary(bare, 3, stopped_by_signal=True)

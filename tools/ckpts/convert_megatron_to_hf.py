@@ -3,6 +3,10 @@
 
     python tools/ckpts/convert_megatron_to_hf.py --ckpt O [--tag T] --out D [--architecture llama] [--dtype bf16]
 
+Token ids (bos/eos/pad) come from the tokenizer the model was trained with, and generation_config.json from
+the base model it was converted from (found through the checkpoint's starting points), so `generate` stops at
+the EOS training appended to every response.
+
 Reward models (model.value_head) export as *ForSequenceClassification with num_labels=1. Hugging Face's
 score layer has no bias: a non-zero value-head bias is an error unless --drop-value-bias is given.
 """
@@ -32,9 +36,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")
     ap.add_argument("--drop-value-bias", action="store_true",
                     help="export a reward model whose value-head bias is non-zero, dropping the bias")
+    ap.add_argument("--tokenizer", default=None,
+                    help="tokenizer to copy and take bos/eos/pad ids from (default: the checkpoint's own "
+                         "tokenizer/ dir, else its data.tokenizer)")
     args = ap.parse_args(argv)
     return run_cli(lambda: "wrote " + megatron_to_hf(args.ckpt, args.out, args.tag, args.architecture, args.dtype,
-                                                      args.drop_value_bias))
+                                                      args.drop_value_bias, args.tokenizer))
 
 
 if __name__ == "__main__":
