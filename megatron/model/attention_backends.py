@@ -129,9 +129,11 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
         if not is_real:
             outs.append(qi.new_zeros(n, nq, vi.shape[-1]))
             continue
-        o = F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1),
-                                           is_causal=True, scale=scale, enable_gqa=nq != nkv)  # [nq, n, hd]
-        outs.append(o.transpose(0, 1))
+        # 4-D [1, heads, n, hd]: with 3-D inputs torch picks its unfused math backend on CPU
+        o = F.scaled_dot_product_attention(qi.transpose(0, 1)[None], ki.transpose(0, 1)[None],
+                                           vi.transpose(0, 1)[None], is_causal=True, scale=scale,
+                                           enable_gqa=nq != nkv)  # [1, nq, n, hd]
+        outs.append(o[0].transpose(0, 1))
     return torch.cat(outs).view(B, S, nq, outs[0].shape[-1])
 
 
