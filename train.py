@@ -26,10 +26,8 @@ def main(argv=None) -> int:
     from megatron.mpu.distributed import shutdown_distributed, world_size_from_env
     from megatron.training.trainer import run_training
 
-    if world_size_from_env() == 1 and "MASTER_PORT" not in os.environ:
-        # A lone process needs no agreed port: a free one, so two single-process runs never collide.
-        from megatron.training.launcher import free_port
-        os.environ["MASTER_PORT"] = str(free_port())
+    from megatron.training.launcher import ensure_master_port
+    ensure_master_port()  # a lone process gets a free port (two single-process runs never collide)
     try:
         cfg = load_run_config(args.configs, args.overrides, world_size=world_size_from_env())
         result = run_training(cfg)

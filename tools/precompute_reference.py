@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     from megatron.mpu.distributed import shutdown_distributed, world_size_from_env
     from megatron.engines.precompute import precompute_reference
 
+    from megatron.training.launcher import ensure_master_port
+    ensure_master_port()  # a lone process gets a free port (two single-process runs never collide)
     try:
         cfg = load_run_config(args.configs, args.overrides, world_size=world_size_from_env())
         precompute_reference(cfg)

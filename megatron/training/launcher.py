@@ -85,6 +85,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def ensure_master_port(environ=None) -> None:
+    """Give a lone process started without a launcher (world size 1, no MASTER_PORT) a free rendezvous port, so
+    two single-process runs on one machine never collide on torch's default 29500."""
+    from megatron.mpu.distributed import world_size_from_env
+
+    env = os.environ if environ is None else environ
+    if world_size_from_env(env) == 1 and "MASTER_PORT" not in env:
+        env["MASTER_PORT"] = str(free_port())
+
+
 def _master_is_here(cfg: Config) -> bool:
     """Whether rank 0 (which opens the master port) runs on this machine, as far as the config tells."""
     lc = cfg.launcher

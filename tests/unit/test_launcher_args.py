@@ -116,3 +116,16 @@ def test_train_py_says_which_port_is_taken(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"error: the master port 127.0.0.1:{port} is already in use" in proc.stderr
     assert "launcher.master_port" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_lone_process_gets_a_free_port():
+    from megatron.training.launcher import ensure_master_port, port_in_use
+    env = {}
+    ensure_master_port(env)
+    assert not port_in_use(int(env["MASTER_PORT"]))
+    launched = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.1"}
+    ensure_master_port(launched)
+    assert "MASTER_PORT" not in launched  # the launcher's ranks must agree on theirs
+    given = {"MASTER_PORT": "12345"}
+    ensure_master_port(given)
+    assert given["MASTER_PORT"] == "12345"
