@@ -23,6 +23,7 @@ def main(argv=None) -> int:
     from megatron.config import ConfigError
     from megatron.engines.run_config import load_run_config
     from megatron.checkpoint.checkpointing import CheckpointError
+    from megatron.data.errors import DataError
     from megatron.mpu.distributed import shutdown_distributed, world_size_from_env
     from megatron.training.trainer import run_training
 
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_run_config(args.configs, args.overrides, world_size=world_size_from_env())
         result = run_training(cfg)
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, DataError) as exc:  # one line naming the file/key and the fix
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # torch's DistNetworkError when rank 0 cannot open the rendezvous port

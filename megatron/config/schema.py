@@ -111,8 +111,17 @@ class DataConfig:
     completion_field: str = "completion"
     label_field: str = "label"
     margin_field: str = "margin"  # optional per-pair margin (pairwise), batch['margin']
+    text_field: str = "text"  # plain language-modelling records {"text": ...}: SFT with loss on every token
+    # optional per-response scores (pairwise): margin = score_chosen - score_rejected when no margin field;
+    # both kept as batch['score_chosen'] / batch['score_rejected']
+    score_chosen_field: str = "score_chosen"
+    score_rejected_field: str = "score_rejected"
     pack: bool = False
     on_bad_record: str = "error"  # error: the first bad record raises | skip: drop (count) them, truncate long responses
+    # fallback: when the prompt's tokens are not a prefix of the joint tokenisation (BPE merges across the
+    # boundary), tokenise prompt and response separately and concatenate (TRL; counted in the report) | error
+    prompt_boundary: str = "fallback"
+    assistant_turns: str = "last"  # SFT chat records: last (only the final assistant turn is scored) | all
     # each sequence gets max_seq_len // (1 sft, 2 pairwise/unpaired) tokens; None = half of that
     max_prompt_len: Optional[int] = None
     cache_dir: Optional[str] = None  # where raw files are preprocessed to; None = <train_path dir>/.cache

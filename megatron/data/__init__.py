@@ -12,7 +12,7 @@ Public API (see docs/ARCHITECTURE.md for the micro-batch contract):
 from .cache import cache_key, cached_indexed_dataset
 from .collate import batch_padding_fraction, collate, sequence_ids_of_batch
 from .dataset import Example, ExampleDataset, SequenceData, kl_partners
-from .errors import BadRecordError
+from .errors import BadRecordError, DataError
 from .indexed import IndexedDataset, read_meta, reference_sequence_count, write_reference_logps
 from .iterator import DataIterator, build_data_iterator, dataset_stats, iterate_all, open_dataset
 from .packing import best_fit_decreasing, padding_fraction

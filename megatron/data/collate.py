@@ -3,7 +3,8 @@
 Sequences are numbered 0..N-1 in example order (example 0's sequences, then example 1's, ...), the
 same numbering packed or not, so both layouts of the same examples are directly comparable:
   sft       sequence e is example e
-  pairwise  chosen_idx[p] = 2p, rejected_idx[p] = 2p+1 (+ margin[p] when any record had one)
+  pairwise  chosen_idx[p] = 2p, rejected_idx[p] = 2p+1 (+ margin[p] when any record had one, 0 for the
+            others; + score_chosen[p], score_rejected[p] when any record had score columns, NaN for the others)
   unpaired  target_idx[e] = 2e, kl_idx[e] = 2e+1, kto_label[e]
 Extra keys: dataset_seq_index Long[N] (the sequence's position in the dataset's reference order, see
 `indexed.write_reference_logps`) and ref_logps Float[N] when every sequence has a precomputed value.
@@ -55,7 +56,10 @@ def collate(examples: Sequence[Example], pack: bool, max_seq_len: int,
             input_ids[b, t:t + n] = ids
             labels[b, t:t + n - 1] = ids[1:]
             # position j predicts token j+1, which is a response token when j+1 >= prompt_len
-            loss_mask[b, t + max(plen - 1, 0):t + n - 1] = 1.0
+            if seqs[k].scored is None:
+                loss_mask[b, t + max(plen - 1, 0):t + n - 1] = 1.0
+            else:  # several scored spans (every assistant turn)
+                loss_mask[b, t:t + n - 1] = seqs[k].scored[1:]
             position_ids[b, t:t + n] = np.arange(n)
             segment_ids[b, t:t + n] = segment
             seq_id[b, t:t + n] = k
@@ -78,6 +82,10 @@ def collate(examples: Sequence[Example], pack: bool, max_seq_len: int,
         margins = [ex.margin for ex in examples]
         if any(not math.isnan(m) for m in margins):
             batch["margin"] = torch.tensor([0.0 if math.isnan(m) else m for m in margins], dtype=torch.float32)
+        scores = [[s.score for s in ex.sequences] for ex in examples]
+        if any(not math.isnan(x) for pair in scores for x in pair):
+            batch["score_chosen"] = torch.tensor([pair[0] for pair in scores], dtype=torch.float32)
+            batch["score_rejected"] = torch.tensor([pair[1] for pair in scores], dtype=torch.float32)
     elif kind == "unpaired":
         batch["target_idx"] = torch.from_numpy(first_seq[:-1].astype(np.int64))
         batch["kl_idx"] = torch.from_numpy(first_seq[:-1].astype(np.int64) + 1)

@@ -24,11 +24,15 @@ from .indexed import IndexedDataset, reference_sequence_count
 
 @dataclass
 class SequenceData:
-    """One sequence: ids Int64[L], loss on response positions >= prompt_len, `dataset_index` in ref order."""
+    """One sequence: ids Int64[L], loss on response positions >= prompt_len (or, when `scored` Bool[L] is
+    given, on the positions it marks), `dataset_index` in ref order; `score` its record score (pairwise
+    score_chosen / score_rejected columns, NaN when absent)."""
     ids: np.ndarray
     prompt_len: int
     dataset_index: int
     ref_logp: Optional[float] = None
+    scored: Optional[np.ndarray] = None
+    score: float = math.nan
 
 
 @dataclass
@@ -111,7 +115,10 @@ class ExampleDataset:
 
     def _sequence(self, ids: np.ndarray, prompt_len: int, dataset_index: int) -> SequenceData:
         ref = float(self.ref_logps[dataset_index]) if self.ref_logps is not None else None
-        return SequenceData(ids, prompt_len, dataset_index, ref)
+        if dataset_index >= self.indexed.num_sequences:  # a KTO KL sequence, built on open
+            return SequenceData(ids, prompt_len, dataset_index, ref)
+        return SequenceData(ids, prompt_len, dataset_index, ref, scored=self.indexed.scored(dataset_index),
+                            score=self.indexed.score(dataset_index))
 
     def __getitem__(self, e: int) -> Example:
         if not 0 <= e < len(self):

@@ -49,7 +49,7 @@ def open_dataset(cfg, tokenizer, split: str = "train", is_builder: bool = True,
         barrier()  # same number of collective calls as the cached path
     else:
         prefix = cached_indexed_dataset(path, tokenizer, settings, cfg.data.cache_dir, is_builder, barrier,
-                                        workers=cfg.data.num_workers, progress=progress, log=log)
+                                        workers=cfg.data.num_workers, progress=progress, log=log, role=split)
     indexed = IndexedDataset(prefix)
     if indexed.meta.get("tokenizer_fingerprint") != tokenizer.fingerprint:
         raise ConfigError(f"key 'data.tokenizer': {prefix} was tokenised with a different tokenizer "

@@ -5,7 +5,8 @@
 examples in file order and returns a `PreprocessReport` (also stored in P.meta.json). With
 `on_bad_record=error` the first bad record (file order) raises `BadRecordError` naming file, line and
 reason, and so does a response that would have to be truncated; with `skip` bad records are counted
-and dropped and long responses truncated and counted.
+and dropped and long responses truncated and counted. Records whose prompt and response were
+tokenised separately (`prompt_boundary: fallback`) are kept and counted.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Callable, Iterator, List, Optional
 from megatron.config import ConfigError
 
 from .dataset import sequence_lengths
-from .errors import RESPONSE_TRUNCATED, BadRecordError
+from .errors import RESPONSE_TRUNCATED, BadRecordError, DataError
 from .indexed import IndexedDatasetWriter
 from .packing import padding_fraction
 from .records import detect_kind
@@ -49,9 +50,10 @@ def _detect(records: Iterator[RawRecord], settings: PreprocessSettings, path: st
                 f = settings.fields
                 raise ConfigError(
                     f"key 'data.kind': cannot tell the record kind of {raw.where} from its fields "
-                    f"{sorted(payload)}; expected {f.prompt}/{f.response} or {f.messages} (sft), "
-                    f"{f.chosen}/{f.rejected} (pairwise) or {f.prompt}/{f.completion}/{f.label} (unpaired); "
-                    "set data.kind or the data.*_field names")
+                    f"{sorted(payload)}; expected {f.prompt}/{f.response}, {f.prompt}/{f.completion}, "
+                    f"{f.messages} or {f.text} (sft), {f.chosen}/{f.rejected} (pairwise) or "
+                    f"{f.prompt}/{f.completion}/{f.label} (unpaired); set data.kind or the data.*_field names "
+                    "(e.g. data.text_field=content)")
             break
     if not peeked:
         raise ConfigError(f"key 'data.train_path': {path!r} has no records")
@@ -60,11 +62,12 @@ def _detect(records: Iterator[RawRecord], settings: PreprocessSettings, path: st
 
 def preprocess(path: str, prefix: str, tokenizer, settings: PreprocessSettings, workers: int = 1,
                progress: bool = True, log: Callable[[str], None] = print,
-               micro_batch_size: int = 8) -> PreprocessReport:
+               micro_batch_size: int = 8, role: str = "train") -> PreprocessReport:
     """Write the indexed dataset of raw file `path` to `prefix` and return the report.
 
     settings: from `preprocess_settings(cfg)`; workers: tokenising processes; progress: tqdm bar;
-    log: where the report is printed (None = silent); micro_batch_size: for the padding-fraction lines.
+    log: where the report is printed (None = silent); micro_batch_size: for the padding-fraction lines;
+    role: 'train' or 'valid', the split read from a DatasetDict directory (sources.pick_split).
     """
     from tqdm import tqdm
 
@@ -72,7 +75,11 @@ def preprocess(path: str, prefix: str, tokenizer, settings: PreprocessSettings, 
     fmt = detect_format(path, settings.format)
     if fmt == "indexed":
         raise ConfigError(f"key 'data.format': {path!r} is already an indexed dataset")
-    kind, records = _detect(iter_raw_records(path, fmt), settings, path)
+    split_line: List[str] = []  # the DatasetDict split announcement, also kept in the meta
+    kind, records = _detect(iter_raw_records(path, fmt, role, log=split_line.append), settings, path)
+    for line in split_line:
+        if log is not None:
+            log(line)
     settings = settings.with_kind(kind)
     settings.prompt_limit()  # ConfigError now rather than in every worker
     report = PreprocessReport(source=path, kind=kind, max_seq_len=settings.max_seq_len)
@@ -95,10 +102,13 @@ def preprocess(path: str, prefix: str, tokenizer, settings: PreprocessSettings, 
                 if settings.on_bad_record == "error":
                     raise BadRecordError(where, RESPONSE_TRUNCATED, "; ".join(example.notes))
                 report.truncate(where, "; ".join(example.notes))
-            writer.add_example(example.sequences, example.label, example.margin)
+            if example.fallback_notes:
+                report.fall_back(where, "; ".join(example.fallback_notes))
+            writer.add_example([(s.ids, s.prompt_len, s.spans) for s in example.sequences], example.label,
+                               example.margin, example.scores)
             report.records_written += 1
-            for ids, prompt_len in example.sequences:
-                report.add_sequence(len(ids), prompt_len)
+            for seq in example.sequences:
+                report.add_sequence(len(seq.ids), seq.prompt_len)
     except BaseException:
         writer.abort()
         raise
@@ -107,7 +117,8 @@ def preprocess(path: str, prefix: str, tokenizer, settings: PreprocessSettings, 
         bar.close()
     if report.records_written == 0:
         writer.abort()
-        raise ValueError(f"{path}: no usable records ({report.total_dropped} dropped)\n{report.format()}")
+        raise DataError(f"{path}: no usable records ({report.total_dropped} dropped; see the reasons below)\n"
+                        f"{report.format()}")
     report.seconds = time.time() - start
     # Padding fractions of micro-batches in file order (unpaired: KL lengths of seed 0).
     lengths = sequence_lengths(kind, writer.seqs_per_example, [r[1] for r in writer.rows],
@@ -120,7 +131,8 @@ def preprocess(path: str, prefix: str, tokenizer, settings: PreprocessSettings, 
     meta = {"source": path, "tokenizer_fingerprint": tokenizer.fingerprint, "bos_id": tokenizer.bos_id,
             "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id, "max_seq_len": settings.max_seq_len,
             "sequence_budget": settings.sequence_budget(), "max_prompt_len": settings.prompt_limit(),
-            "chat_template": settings.chat_template, "report": report.to_dict()}
+            "chat_template": settings.chat_template, "split": split_line[0] if split_line else None,
+            "report": report.to_dict()}
     writer.finalize(meta)
     if log is not None:
         log(report.format())

@@ -2,10 +2,14 @@
 
 Layouts (field names from `Fields`, i.e. the DataConfig `*_field` keys):
   sft       prompt/response strings | messages (last turn is the response) | prompt/completion
-            (TRL prompt-completion; strings or message lists) | prompt_ids/response_ids
+            (TRL prompt-completion; strings or message lists) | prompt_ids/response_ids |
+            text (plain language modelling: no prompt, every token scored, never templated)
   pairwise  prompt/chosen/rejected strings | prompt (str or messages) + chosen/rejected message lists
             (completions only) | chosen/rejected full conversations (implicit prompt = their shared
-            message prefix; a prompt field, as in UltraFeedback, is then ignored) | *_ids
+            message prefix; a prompt field, as in UltraFeedback, is then ignored) | chosen/rejected
+            strings without a prompt (implicit prompt = their longest common prefix, cut as TRL's
+            `extract_prompt` does) | *_ids; optional margin, or score_chosen/score_rejected
+            (margin = score_chosen - score_rejected when there is no margin field)
   unpaired  prompt/completion/label (bool; CSV strings true/false/1/0) | prompt_ids/completion_ids/label
 Pre-tokenised `*_ids` fields take precedence over text; `prompt_ids` may be absent (empty prompt).
 Message lists and id lists may also arrive as JSON strings (CSV cells).
@@ -15,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import BAD_VALUE, EMPTY_RESPONSE, MISSING_FIELD, RecordProblem
 from .settings import Fields
@@ -29,7 +33,8 @@ class NormalRecord:
 
     mode: 'text' (prompt and responses are strings), 'chat' (lists of {role, content}) or 'ids' (lists
     of token ids). responses: 1 for sft/unpaired, 2 (chosen, rejected) for pairwise; response_names are
-    the fields they came from (for messages). label: unpaired desirability; margin: optional pair margin.
+    the fields they came from (for messages). label: unpaired desirability; margin: optional pair margin;
+    scores: optional (score_chosen, score_rejected); lm: a plain `text` record (empty prompt, never templated).
     """
     kind: str
     mode: str
@@ -38,6 +43,8 @@ class NormalRecord:
     response_names: List[str]
     label: Optional[bool] = None
     margin: Optional[float] = None
+    scores: Optional[Tuple[float, float]] = None
+    lm: bool = False
 
 
 def _present(rec: Dict, name: str) -> bool:
@@ -51,7 +58,7 @@ def detect_kind(rec: Dict, f: Fields) -> Optional[str]:
         return "pairwise"
     if has(f.completion) and _present(rec, f.label):
         return "unpaired"
-    if _present(rec, f.messages) or has(f.response) or has(f.completion):
+    if _present(rec, f.messages) or has(f.response) or has(f.completion) or _present(rec, f.text):
         return "sft"
     return None
 
@@ -112,7 +119,8 @@ def _label(value: Any, name: str) -> bool:
     raise RecordProblem(BAD_VALUE, f"field '{name}' must be a bool (true/false), got {value!r:.80}")
 
 
-def _margin(rec: Dict, name: str) -> Optional[float]:
+def _number(rec: Dict, name: str) -> Optional[float]:
+    """The optional finite number in field `name` (None when absent, empty or NaN)."""
     value = rec.get(name)
     if value is None or value == "":
         return None
@@ -125,6 +133,39 @@ def _margin(rec: Dict, name: str) -> Optional[float]:
     if math.isinf(out):
         raise RecordProblem(BAD_VALUE, f"field '{name}' must be finite, got {value!r:.80}")
     return out
+
+
+def _margin_and_scores(rec: Dict, f: Fields) -> Tuple[Optional[float], Optional[Tuple[float, float]]]:
+    """(margin, (score_chosen, score_rejected)) of a pair: the margin field wins; else the score difference."""
+    margin = _number(rec, f.margin)
+    sc, sr = _number(rec, f.score_chosen), _number(rec, f.score_rejected)
+    if (sc is None) != (sr is None):
+        have, lack = (f.score_chosen, f.score_rejected) if sr is None else (f.score_rejected, f.score_chosen)
+        raise RecordProblem(MISSING_FIELD, f"'{lack}' is absent or null but '{have}' is set; give both scores "
+                                           "or neither")
+    scores = None if sc is None else (sc, sr)
+    if margin is None and scores is not None:
+        margin = sc - sr
+    return margin, scores
+
+
+def extract_text_prompt(chosen: str, rejected: str) -> Tuple[str, str, str]:
+    """(prompt, chosen, rejected) from two strings with an implicit shared prompt, cut exactly as TRL's
+    `extract_prompt`: at the first differing character, moved back one when the previous one is a space
+    (so the responses keep their leading space); when one string is a prefix of the other, the last
+    character of the shorter one stays in the responses. Raises RecordProblem for identical or empty strings.
+    """
+    n = min(len(chosen), len(rejected))
+    if n == 0:
+        raise RecordProblem(EMPTY_RESPONSE, "'chosen' or 'rejected' is empty")
+    if chosen == rejected:
+        raise RecordProblem(BAD_VALUE, "'chosen' and 'rejected' are identical, so there is no preference")
+    idx = n - 1  # TRL's loop leaves idx at its last value when no character differs
+    for i in range(n):
+        if chosen[i] != rejected[i]:
+            idx = i - 1 if i > 0 and chosen[i - 1] == " " else i
+            break
+    return chosen[:idx], chosen[idx:], rejected[idx:]
 
 
 def _as_chat(rec: "NormalRecord") -> "NormalRecord":
@@ -161,6 +202,12 @@ def normalise(rec: Any, kind: str, f: Fields) -> NormalRecord:
         # TRL's prompt-completion layout is SFT too: the response may come from the completion field.
         resp_name = next((n for n in (f.response, f.completion)
                           if _present(rec, n) or _present(rec, Fields.ids(n))), f.response)
+        if _present(rec, f.text) and not (_present(rec, resp_name) or _present(rec, Fields.ids(resp_name))
+                                          or _present(rec, f.messages)):
+            text = rec[f.text]
+            if not isinstance(text, str):
+                raise RecordProblem(BAD_VALUE, f"field '{f.text}' must be a string, got {text!r:.80}")
+            return NormalRecord(kind, TEXT, "", [text], [f.text], lm=True)
         if _present(rec, Fields.ids(resp_name)):
             return _ids_record(rec, kind, f, [resp_name])
         if _present(rec, f.messages) and not _present(rec, resp_name):
@@ -177,20 +224,29 @@ def normalise(rec: Any, kind: str, f: Fields) -> NormalRecord:
         return _as_chat(NormalRecord(kind, TEXT, prompt, [response], [resp_name]))
 
     if kind == "pairwise":
-        margin = _margin(rec, f.margin)
+        margin, scores = _margin_and_scores(rec, f)
         if _present(rec, Fields.ids(f.chosen)) or _present(rec, Fields.ids(f.rejected)):
             out = _ids_record(rec, kind, f, [f.chosen, f.rejected])
-            out.margin = margin
+            out.margin, out.scores = margin, scores
             return out
         chosen = _text_or_messages(_get(rec, f.chosen), f.chosen)
         rejected = _text_or_messages(_get(rec, f.rejected), f.rejected)
+        names = [f.chosen, f.rejected]
         if isinstance(chosen, list) and isinstance(rejected, list):
             k = _shared_prefix(chosen, rejected)
-            if k > 0:  # full conversations: the shared prefix is the prompt (implicit prompt)
-                return NormalRecord(kind, CHAT, chosen[:k], [chosen[k:], rejected[k:]], [f.chosen, f.rejected],
-                                    margin=margin)
+            if k > 0 or not _present(rec, f.prompt):  # full conversations: the shared prefix is the prompt
+                return NormalRecord(kind, CHAT, chosen[:k], [chosen[k:], rejected[k:]], names, margin=margin,
+                                    scores=scores)
+        if not _present(rec, f.prompt):
+            if isinstance(chosen, str) and isinstance(rejected, str):  # TRL's implicit prompt on strings
+                prompt, chosen, rejected = extract_text_prompt(chosen, rejected)
+                return NormalRecord(kind, TEXT, prompt, [chosen, rejected], names, margin=margin, scores=scores)
+            raise RecordProblem(MISSING_FIELD, f"no '{f.prompt}' field and '{f.chosen}'/'{f.rejected}' mix a string "
+                                               "and a message list: this implicit-prompt layout is unsupported; add "
+                                               f"a '{f.prompt}' field, or give both as strings or both as full "
+                                               "conversations (message lists)")
         prompt = _text_or_messages(_get(rec, f.prompt), f.prompt, is_prompt=True)
-        return _as_chat(NormalRecord(kind, TEXT, prompt, [chosen, rejected], [f.chosen, f.rejected], margin=margin))
+        return _as_chat(NormalRecord(kind, TEXT, prompt, [chosen, rejected], names, margin=margin, scores=scores))
 
     if kind == "unpaired":
         label = _label(_get(rec, f.label), f.label)

@@ -1,4 +1,5 @@
-"""What preprocessing did: counts, drops by reason (with the first locations), tokens, histogram."""
+"""What preprocessing did: counts, drops by reason (with the first locations), boundary fallbacks, tokens,
+histogram."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,9 @@ class PreprocessReport:
     drop_examples: Dict[str, List[str]] = field(default_factory=dict)  # reason -> ["file:line: message"]
     truncated: int = 0
     truncated_examples: List[str] = field(default_factory=list)
+    # kept records whose prompt and response were tokenised separately (data.prompt_boundary=fallback)
+    boundary_fallbacks: int = 0
+    boundary_fallback_examples: List[str] = field(default_factory=list)
     num_sequences: int = 0
     prompt_tokens: int = 0
     response_tokens: int = 0
@@ -43,6 +47,12 @@ class PreprocessReport:
         self.truncated += 1
         if len(self.truncated_examples) < MAX_EXAMPLES_PER_REASON:
             self.truncated_examples.append(f"{where}: {message}")
+
+    def fall_back(self, where: str, message: str) -> None:
+        """Count one kept record tokenised segment by segment (its prompt tokens were not a token prefix)."""
+        self.boundary_fallbacks += 1
+        if len(self.boundary_fallback_examples) < MAX_EXAMPLES_PER_REASON:
+            self.boundary_fallback_examples.append(f"{where}: {message}")
 
     def add_sequence(self, length: int, prompt_len: int) -> None:
         """Count one written sequence of `length` tokens, `prompt_len` of them prompt."""
@@ -77,6 +87,10 @@ class PreprocessReport:
             lines.extend(f"      e.g. {e}" for e in self.drop_examples.get(reason, []))
         lines.append(f"  {REASON_NAMES[RESPONSE_TRUNCATED]:<18} {self.truncated} (kept, cut to fit)")
         lines.extend(f"      e.g. {e}" for e in self.truncated_examples)
+        if self.boundary_fallbacks:
+            lines.append(f"  prompt/response tokenised separately {self.boundary_fallbacks} (kept; the prompt's tokens "
+                         "were not a prefix of the whole text's: data.prompt_boundary=fallback)")
+            lines.extend(f"      e.g. {e}" for e in self.boundary_fallback_examples)
         mean = tokens / self.num_sequences if self.num_sequences else 0.0
         lines.append(f"  sequences {self.num_sequences}, tokens {tokens} (prompt {self.prompt_tokens}, "
                      f"response {self.response_tokens}), mean {mean:.1f}, max {self.max_sequence_len}")

@@ -18,6 +18,8 @@ from megatron.config import ConfigError
 
 KINDS = ("sft", "pairwise", "unpaired")
 FORMATS = ("auto", "jsonl", "json", "parquet", "csv", "hf_disk", "indexed")
+PROMPT_BOUNDARIES = ("fallback", "error")
+ASSISTANT_TURNS = ("last", "all")
 
 
 def sequences_per_example(kind: str) -> int:
@@ -41,6 +43,9 @@ class Fields:
     completion: str = "completion"
     label: str = "label"
     margin: str = "margin"
+    text: str = "text"
+    score_chosen: str = "score_chosen"
+    score_rejected: str = "score_rejected"
 
     @staticmethod
     def ids(name: str) -> str:
@@ -58,6 +63,10 @@ class PreprocessSettings:
     max_seq_len: int = 256
     max_prompt_len: Optional[int] = None  # None = sequence budget // 2
     on_bad_record: str = "error"
+    # prompt tokens not a prefix of the joint tokenisation: 'fallback' tokenises prompt and response
+    # separately and concatenates them (TRL's behaviour, counted in the report); 'error' rejects the record
+    prompt_boundary: str = "fallback"
+    assistant_turns: str = "last"  # SFT chat: score the last assistant turn only, or 'all' of them
 
     def with_kind(self, kind: str) -> "PreprocessSettings":
         """A copy with the detected `kind` filled in (after `data.kind: auto`)."""
@@ -92,14 +101,21 @@ def preprocess_settings(cfg) -> PreprocessSettings:
         raise ConfigError(f"key 'model.max_seq_len': must be >= 2, got {cfg.model.max_seq_len}")
     if d.max_prompt_len is not None and d.max_prompt_len < 0:
         raise ConfigError(f"key 'data.max_prompt_len': must be >= 0, got {d.max_prompt_len}")
+    if d.prompt_boundary not in PROMPT_BOUNDARIES:
+        raise ConfigError(f"key 'data.prompt_boundary': {d.prompt_boundary!r} is not one of "
+                          f"{', '.join(PROMPT_BOUNDARIES)}")
+    if d.assistant_turns not in ASSISTANT_TURNS:
+        raise ConfigError(f"key 'data.assistant_turns': {d.assistant_turns!r} is not one of {', '.join(ASSISTANT_TURNS)}")
     if d.num_workers < 1:
         raise ConfigError(f"key 'data.num_workers': must be >= 1, got {d.num_workers}")
     fields = Fields(prompt=d.prompt_field, response=d.response_field, messages=d.messages_field,
                     chosen=d.chosen_field, rejected=d.rejected_field, completion=d.completion_field,
-                    label=d.label_field, margin=d.margin_field)
+                    label=d.label_field, margin=d.margin_field, text=d.text_field,
+                    score_chosen=d.score_chosen_field, score_rejected=d.score_rejected_field)
     settings = PreprocessSettings(fields=fields, kind=d.kind, format=d.format, chat_template=d.chat_template,
                                   max_seq_len=cfg.model.max_seq_len, max_prompt_len=d.max_prompt_len,
-                                  on_bad_record=d.on_bad_record)
+                                  on_bad_record=d.on_bad_record, prompt_boundary=d.prompt_boundary,
+                                  assistant_turns=d.assistant_turns)
     if d.kind != "auto":
         settings.prompt_limit()  # validate early when the kind is known
     return settings

@@ -3,7 +3,8 @@
 JSONL is read line by line by plain Python so a malformed line is reported as `file:line` and can be
 skipped on its own; JSON, parquet, CSV and `save_to_disk` directories are read with the `datasets`
 library (records are located as `file:record N`, 1-based). JSONL payloads stay unparsed strings so
-that JSON decoding happens in the worker processes.
+that JSON decoding happens in the worker processes. A `save_to_disk` DatasetDict gives one split,
+chosen by `pick_split` for the role (train or valid) and announced on one printed line.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, List, Optional
 
 from megatron.config import ConfigError
 
@@ -122,23 +123,43 @@ def _json_error(path: str) -> None:
                                  skippable=False) from None
 
 
-def iter_raw_records(path: str, fmt: str) -> Iterator[RawRecord]:
-    """Yield every record of `path` in file order; `fmt` as returned by `detect_format`."""
+SPLIT_PREFERENCE = {"train": ("train",), "valid": ("validation", "valid", "test")}
+
+
+def pick_split(splits: List[str], role: str, path: str) -> str:
+    """The split of a DatasetDict with `splits` to read for `role` ('train': train; 'valid': validation,
+    valid, then test); a dict of one split gives that split. ConfigError naming the key otherwise."""
+    for name in SPLIT_PREFERENCE[role]:
+        if name in splits:
+            return name
+    if len(splits) == 1:
+        return splits[0]
+    key = "data.train_path" if role == "train" else "data.valid_path"
+    raise ConfigError(f"key '{key}': {path!r} is a DatasetDict with splits {splits} and none of "
+                      f"{', '.join(SPLIT_PREFERENCE[role])}; save the split to use on its own "
+                      "(dataset_dict[name].save_to_disk(dir)) and point the key at it")
+
+
+def iter_raw_records(path: str, fmt: str, role: str = "train",
+                     log: Optional[Callable[[str], None]] = None) -> Iterator[RawRecord]:
+    """An iterator over every record of `path` in file order; `fmt` as returned by `detect_format`.
+
+    role: 'train' or 'valid', which split of a DatasetDict to read (see `pick_split`); the choice is
+    announced through `log` when this is called. Records of a split are located as `path[split]:record N`.
+    """
     if fmt == "jsonl":
-        yield from _iter_jsonl(path)
-        return
+        return _iter_jsonl(path)
     if fmt == "hf_disk":
         import datasets
         ds = datasets.load_from_disk(path)
+        where = path
         if isinstance(ds, datasets.DatasetDict):
-            if len(ds) == 1:
-                ds = next(iter(ds.values()))
-            elif "train" in ds:
-                ds = ds["train"]
-            else:
-                raise ConfigError(f"{path!r} holds splits {list(ds)}; save the one split to use on its own")
-        yield from _iter_dataset(ds, path)
-        return
+            split = pick_split(list(ds), role, path)
+            if log is not None:
+                log(f"data: {path} is a DatasetDict with splits {list(ds)}: using split '{split}' for "
+                    f"{'training' if role == 'train' else 'validation'}")
+            ds, where = ds[split], f"{path}[{split}]"
+        return _iter_dataset(ds, where)
     if fmt not in ("json", "parquet", "csv"):
         raise ConfigError(f"key 'data.format': cannot read format {fmt!r} as raw records")
     try:
@@ -147,4 +168,4 @@ def iter_raw_records(path: str, fmt: str) -> Iterator[RawRecord]:
         if fmt == "json":
             _json_error(path)
         raise
-    yield from _iter_dataset(ds, path)
+    return _iter_dataset(ds, path)

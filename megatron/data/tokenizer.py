@@ -73,6 +73,9 @@ class HFTokenizer:
 
     def render_chat(self, template: str, messages: List[Dict], add_generation_prompt: bool) -> str:
         """Render `messages` with the Jinja `template` exactly as transformers' apply_chat_template does."""
+        if not messages:  # an empty prompt (transformers refuses to render no messages): the same Jinja sandbox
+            return render_template(template, [], add_generation_prompt, bos_token=self.bos_token or "",
+                                   eos_token=self.eos_token or "")
         return self.hf.apply_chat_template(messages, chat_template=template, tokenize=False,
                                            add_generation_prompt=add_generation_prompt)
 

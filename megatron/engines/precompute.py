@@ -107,7 +107,8 @@ def _dataset_prefix(cfg: Config, tokenizer, split: str, is_builder: bool, barrie
         barrier()
         return indexed_prefix(path)
     return cached_indexed_dataset(path, tokenizer, settings, cfg.data.cache_dir, is_builder, barrier,
-                                  workers=cfg.data.num_workers, progress=is_builder, log=print if is_builder else None)
+                                  workers=cfg.data.num_workers, progress=is_builder, log=print if is_builder else None,
+                                  role=split)
 
 
 def _remove_stale(prefix: str) -> None:

@@ -112,17 +112,26 @@ def test_hf_named_template_on_strings_bos_and_eos(hf, tmp_path):
         assert ids.count(hf.bos_token_id) == 1 and ids.count(hf.eos_token_id) == 2 and ids[-1] == hf.eos_token_id
 
 
-def test_boundary_not_a_token_prefix_is_an_error(tmp_path):
+def test_boundary_not_a_token_prefix_falls_back_or_is_an_error(tmp_path):
     tok = load_tokenizer(TOKENIZER)
     # "cou" + "nt up" tokenises as one word "count": the prompt tokens are not a prefix
     path = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "cou", "response": "nt up from 1"}])
-    with pytest.raises(BadRecordError, match=r"b.jsonl:1: .*not a prefix"):
-        run_preprocess(path, tmp_path / "b", tok, settings_for(tmp_path))
+    with pytest.raises(BadRecordError, match=r"b.jsonl:1: prompt tokens not a prefix.*merges across.*"
+                                             r"data.prompt_boundary=fallback"):
+        run_preprocess(path, tmp_path / "b", tok, settings_for(tmp_path, "data.prompt_boundary=error"))
+    # default (TRL's behaviour): prompt and response tokenised separately, concatenated, counted
+    report, ds = run_preprocess(path, tmp_path / "f", tok, settings_for(tmp_path))
+    assert sequences(ds) == [([tok.bos_id] + tok.encode("cou") + tok.encode("nt up from 1") + [tok.eos_id],
+                              1 + len(tok.encode("cou")))]
+    assert report.boundary_fallbacks == 1 and "b.jsonl:1" in report.boundary_fallback_examples[0]
+    assert "tokenised separately 1" in report.format()
     bad = tmp_path / "bad.jinja"  # generation prompt differs from how the assistant turn is rendered
     bad.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{% endfor %}"
                    "{% if add_generation_prompt %}<|im_start|>bot\n{% endif %}")
-    with pytest.raises(BadRecordError, match="not a prefix"):
-        run_preprocess(pairs_file(tmp_path), tmp_path / "j", tok, settings_for(tmp_path, f"data.chat_template={bad}"))
+    for boundary in ("fallback", "error"):  # a template mismatch is not a tokenisation matter: always an error
+        with pytest.raises(BadRecordError, match="prompt text not a prefix.*add_generation_prompt"):
+            run_preprocess(pairs_file(tmp_path), tmp_path / "j", tok,
+                           settings_for(tmp_path, f"data.chat_template={bad}", f"data.prompt_boundary={boundary}"))
 
 
 def test_load_tokenizer_errors_name_the_key(tmp_path, sp_model):
