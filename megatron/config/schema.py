@@ -211,6 +211,24 @@ class LauncherConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Sampling for tools/generate.py and online rollouts (megatron.generation; checked by SamplingParams)."""
+    input: Optional[str] = None  # JSONL: records with `prompt` text, `messages` (chat) or `prompt_ids`
+    output: Optional[str] = None  # JSONL: every input field plus `completions: [{text, token_ids, logprobs, finish_reason}]`
+    n: int = 1  # completions per prompt
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # 1 = off
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # 0 = off
+    max_new_tokens: int = 256
+    stop: List[str] = field(default_factory=list)  # strings that end a completion (cut from its text)
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks)
+    seed: int = 0  # a sample depends on (seed, prompt index, sample index) only
+    batch_size: int = 32  # sequences decoded together per rank
+    hf_model: Optional[str] = None  # a Hugging Face model dir, imported on the fly instead of checkpoint.load
+
+
+@dataclass
 class RolloutConfig:
     """Online RL (objectives grpo, rloo, reinforce_pp, ppo, mdloo): what one step generates and how it trains on it."""
     prompts_path: Optional[str] = None  # prompt records (jsonl | json | parquet); their other fields are reward columns
@@ -262,6 +280,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     deepspeed: Dict[str, Any] = field(default_factory=dict)  # extra keys passed to DeepSpeed as-is
