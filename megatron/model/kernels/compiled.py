@@ -1,9 +1,12 @@
-"""`compiled` implementations: the plain twins under `torch.compile(dynamic=True)` (inductor on CPU and GPU).
+"""`compiled` implementations: the plain twins under `torch.compile` (inductor on CPU and GPU).
 
-dynamic=True marks sizes symbolic from the first compile, so a new packed-row width or token count reuses the
-compiled code instead of recompiling every step. Compilation happens on the first call (seconds to a minute
-per function on a small CPU), which is why `model.kernels: auto` does not pick these (docs/benchmarks.md).
-torch._dynamo is imported only when a `compiled` op is built.
+Shapes: torch's automatic dynamic shapes. The first call compiles for its sizes; the first call with other
+sizes recompiles once with those dimensions symbolic (rows, width, tokens), after which any packed-row width
+reuses the code. (dynamic=True from the start would also make the head counts symbolic, and dynamo's duck
+sizing then ties equal sizes together, e.g. rows == kv heads, which recompiles when they part.) Each function
+is compiled once with and once without grad mode (policy and frozen reference). Compilation costs seconds to
+a minute per function on a small CPU and saves nothing over the `fused` kernels there, which is why
+`model.kernels: auto` does not pick these (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -37,8 +40,8 @@ def _gelu(h: torch.Tensor) -> torch.Tensor:
 
 
 def compile_fn(fn: Callable) -> Callable:
-    """`torch.compile(fn, dynamic=True)`; compiled on first call."""
-    return torch.compile(fn, dynamic=True)
+    """`torch.compile(fn)` (automatic dynamic shapes); compiled on first call."""
+    return torch.compile(fn)
 
 
 def compiled_rms_norm() -> Callable:
