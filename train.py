@@ -25,14 +25,20 @@ def main(argv=None) -> int:
     from megatron.checkpoint.checkpointing import CheckpointError
     from megatron.data.errors import DataError
     from megatron.mpu.distributed import shutdown_distributed, world_size_from_env
+    from megatron.objectives import get_objective_class
+    from megatron.rewards import RewardError
     from megatron.training.trainer import run_training
 
     from megatron.training.launcher import ensure_master_port
     ensure_master_port()  # a lone process gets a free port (two single-process runs never collide)
     try:
         cfg = load_run_config(args.configs, args.overrides, world_size=world_size_from_env())
-        result = run_training(cfg)
-    except (ConfigError, CheckpointError, DataError) as exc:  # one line naming the file/key and the fix
+        if get_objective_class(cfg.objective.name).batch_kind == "rollout":  # online RL: generate, score, train
+            from megatron.training.online import run_online
+            result = run_online(cfg)
+        else:
+            result = run_training(cfg)
+    except (ConfigError, CheckpointError, DataError, RewardError) as exc:  # one line naming the file/key and the fix
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # torch's DistNetworkError when rank 0 cannot open the rendezvous port
