@@ -17,7 +17,7 @@ setup(
     version="0.1.0",
     description="Megatron-style distributed post-training (SFT, RM, DPO family, KTO) on DeepSpeed",
     packages=find_packages(include=["megatron", "megatron.*"]),
-    package_data={"megatron.data": ["templates/*"], "megatron.frontier": ["refusal_phrases.txt"]},
+    package_data={"megatron.data": ["templates/*"], "megatron.frontier": ["refusal_phrases.txt", "judge_template.yml"]},
     python_requires=">=3.10",
     install_requires=reqs("base.txt"),
     extras_require={"gpu": reqs("gpu.txt"), "dev": reqs("dev.txt")},

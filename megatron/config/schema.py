@@ -255,6 +255,51 @@ class RewardConfig:
 
 
 @dataclass
+class ScoreConfig:
+    """tools/score.py: scores for a JSONL of completions or pairs, from a reward model or an LLM judge."""
+    input: Optional[str] = None  # JSONL: tools/generate.py output (`completions`) or prompt/chosen/rejected pairs
+    output: Optional[str] = None  # the same records plus completions[i].score (pairs: score_chosen, score_rejected)
+    report: Optional[str] = None  # JSON counts (scored, unscored by reason, judge parses); None = <output>.report.json
+    model: Optional[str] = None  # a reward-model checkpoint of ours (value head): the score of prompt + response
+    judge_model: Optional[str] = None  # or an LM checkpoint of ours that grades each response (generation engine)
+    judge_template: Optional[str] = None  # YAML (template, grade_regex, min_grade, max_grade); None = shipped one
+    judge_max_new_tokens: int = 16
+    judge_temperature: float = 0.0  # 0 = greedy
+    judge_seed: int = 0
+    batch_size: int = 32  # sequences per reward-model forward or judge generation batch, per rank
+
+
+@dataclass
+class LoopConfig:
+    """tools/iterate.py: rounds of generate -> score -> filter -> select -> SFT -> DPO/RPO (megatron/frontier/loop*)."""
+    rounds: int = 2  # training rounds; rounds.jsonl gets rounds + 1 lines (round 0 = the starting policy)
+    prompts: Optional[str] = None  # JSONL prompt records (prompt | messages | prompt_ids), generated every round
+    heldout_prompts: Optional[str] = None  # prompts for win_rate against the previous policy; None = no win rate
+    policy: Optional[str] = None  # starting policy checkpoint; None = checkpoint.load, else trained (start_policy)
+    start_policy: Dict[str, Any] = field(default_factory=dict)  # config fragment: train the starting policy first
+    start_reward: Dict[str, Any] = field(default_factory=dict)  # config fragment: train score.model first (unset)
+    committee: List[str] = field(default_factory=list)  # more checkpoints generating every round (pooled, iTeC)
+    train: List[str] = field(default_factory=lambda: ["sft", "preference"])  # training phases per round, in order
+    sft: Dict[str, Any] = field(default_factory=dict)  # config fragment of the SFT phase (best-of-n records)
+    preference: Dict[str, Any] = field(default_factory=dict)  # fragment of the pairs phase (default objective rpo)
+    pairs: str = "best-vs-worst"  # best-vs-worst | all-pairs
+    min_margin: float = 0.0  # pairs need score_chosen - score_rejected above this
+    filter: Dict[str, Any] = field(default_factory=dict)  # megatron.frontier.FilterSettings fields
+    evaluate: bool = False  # run tools/evaluate.py (the `evaluate:` section) on every round's policy
+
+
+@dataclass
+class EvaluateConfig:
+    """tools/evaluate.py: lm-evaluation-harness on a checkpoint of ours, exported to Hugging Face format."""
+    model: Optional[str] = None  # checkpoint of ours; None = checkpoint.load
+    tasks: List[str] = field(default_factory=lambda: ["tiny_mc"])  # task names in task_dir (or lm-eval's own)
+    task_dir: Optional[str] = None  # folder of local task YAML files; None = data/tiny/eval (the shipped tiny task)
+    limit: Optional[int] = None  # documents per task; None = all
+    batch_size: int = 8
+    output: Optional[str] = None  # results JSON; None = <logging.dir>/eval.json
+
+
+@dataclass
 class Derived:
     """Values computed once from the rest (megatron.config.derive)."""
     world_size: int = 1
@@ -283,5 +328,8 @@ class Config:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     deepspeed: Dict[str, Any] = field(default_factory=dict)  # extra keys passed to DeepSpeed as-is
     derived: Derived = field(default_factory=Derived)
