@@ -1,7 +1,6 @@
 """The `compiled` kernels (torch.compile, inductor on CPU, dynamic shapes): the same log-probs and gradients as the
 plain twins (fp32 1e-5) for the Llama preset (RMSNorm, SwiGLU, rotary), and a
-packed row of a new width reuses the compiled code instead of recompiling (after torch's one dynamic-shape
-recompile)."""
+packed row of a new width (or row count) reuses the compiled code instead of recompiling."""
 import pytest
 import torch
 
@@ -32,14 +31,14 @@ def test_compiled_equals_eager_and_does_not_recompile_for_a_new_width(preset):
     assert (out[0] - ref[0])[real].abs().max() < 1e-5 and (out[1] - ref[1])[real].abs().max() < 1e-5
     for name, g in ref[2].items():
         assert (out[2][name] - g).abs().max() < 1e-5, (preset, name)
-    # two more layouts and widths (3 rows of 12, then 3 rows of 14): the first change of sizes recompiles once
-    # with symbolic rows / width (torch's automatic dynamic shapes), the next reuses that code
+    compiled = _compile_count()
+    assert compiled > 0
+    # other layouts and widths (3 rows of 12, then 3 rows of 14): the token dims are marked dynamic before the
+    # first compile, so no new graph (a single-row batch would compile once more: torch specialises size 1)
     eager_cfg, compiled_cfg = build_cfg(preset, "model.kernels=eager"), build_cfg(preset, "model.kernels=eager", *COMPILED)
-    counts = []
     for width in (12, 14):
         ids2, pos2, seg2 = (t[:, :width].contiguous() for t in unpacked_batch())
         w2 = torch.randn(ids2.shape, generator=torch.Generator().manual_seed(width))
         ref2, out2 = _run(eager_cfg, ids2, pos2, seg2, w2), _run(compiled_cfg, ids2, pos2, seg2, w2)
         assert (out2[0] - ref2[0])[seg2 != 0].abs().max() < 1e-5
-        counts.append(_compile_count())
-    assert counts[1] == counts[0], f"a new row width recompiled: graphs {counts}"
+        assert _compile_count() == compiled, f"{tuple(ids2.shape)} recompiled"
