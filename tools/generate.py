@@ -30,14 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from megatron.config.load import add_set_argument  # noqa: E402 (after the path set-up)
 
 
-def _free_port() -> int:
-    """A TCP port on localhost that is free right now."""
-    import socket
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _model_source(cfg, workdir: str):
     """(tag dir of the weights, checkpoint root) from generation.hf_model or checkpoint.load."""
     from megatron.checkpoint import weights_io as wio
@@ -102,11 +94,9 @@ def run(cfg) -> dict:
     from megatron.generation import SamplingParams, generate
     from megatron.generation.records import encode_records, read_records, write_output
     from megatron.mpu import initialize_parallel
-    from megatron.mpu.distributed import init_distributed, world_size_from_env
+    from megatron.mpu.distributed import init_distributed
 
     SamplingParams.from_config(cfg.generation)  # bad sampling values fail before anything loads
-    if world_size_from_env() == 1 and "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())  # a lone process must not collide with a run on 29500
     init_distributed(cfg.parallel.backend)
     world = dist.get_world_size() if dist.is_initialized() else 1
     with tempfile.TemporaryDirectory(prefix="generate_") as workdir:
@@ -170,7 +160,9 @@ def main(argv=None) -> int:
     from megatron.engines.run_config import load_run_config
     from megatron.interop.hf_config import ConversionError
     from megatron.mpu.distributed import shutdown_distributed, world_size_from_env
+    from megatron.training.launcher import ensure_master_port
 
+    ensure_master_port()  # a lone process gets a free port (two single-process runs never collide)
     try:
         _check_unpipelined(load_run_config(args.configs, args.overrides, validate=False))
         cfg = load_run_config(args.configs, args.overrides, world_size=world_size_from_env())

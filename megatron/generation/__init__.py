@@ -5,7 +5,7 @@ from .generate import Completion, PromptTooLong, generate
 from .kv_cache import KVCache, LayerCache
 from .noise import sample_uniforms
 from .replica import generation_model
-from .sampling import SamplingParams, mask_padded_vocab, sample_next
+from .sampling import SamplingParams, sample_next
 
 __all__ = ["Completion", "PromptTooLong", "generate", "KVCache", "LayerCache", "sample_uniforms",
-           "generation_model", "SamplingParams", "mask_padded_vocab", "sample_next"]
+           "generation_model", "SamplingParams", "sample_next"]

@@ -17,7 +17,7 @@ prompts and produce the same completions.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -113,8 +113,9 @@ def _decode_batch(model, cfg, ps, prompts: Sequence[Sequence[int]], rows: List[t
     out = [Completion() for _ in rows]
     active = torch.arange(B)  # batch row -> index into `rows`
     for step in range(int(limit.max())):
-        u = sample_uniforms(params.seed, prompt_index[active], sample_index[active], torch.tensor(step))
-        tokens, logps = sample_next(logits, params, u.to(logits.device), ps, cfg.model.vocab_size)
+        u = (sample_uniforms(params.seed, prompt_index[active], sample_index[active], torch.tensor(step)).to(
+            logits.device) if params.temperature > 0.0 else None)  # greedy draws nothing
+        tokens, logps = sample_next(logits, params, u, ps, cfg.model.vocab_size)
         tok_list, lp_list = tokens.tolist(), logps.tolist()
         finished = torch.zeros(len(tok_list), dtype=torch.bool)
         stopped = torch.isin(tokens.cpu(), stop_ids) if stop_ids.numel() else finished

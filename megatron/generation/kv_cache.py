@@ -39,11 +39,12 @@ class LayerCache:
         if step is None:
             raise RuntimeError("KVCache.attend called outside begin()/commit(); call cache.begin(...) first")
         kb, vb = c.keys[self.index], c.values[self.index]
-        rows = step.rows  # [B, 1]
-        kb[rows, :, step.slots] = k.to(kb.dtype)  # advanced indices first: the target view is [B, S, nkv, hd]
-        vb[rows, :, step.slots] = v.to(vb.dtype)
         B, S, nq, hd = q.shape
         nkv = kb.shape[1]
+        # One index_copy_ per buffer: row (b, h, slot) of the [B*nkv*max_len, hd] view gets the new (b, s, h).
+        flat = step.flat_rows(nkv, kb.shape[2])
+        kb.view(-1, hd).index_copy_(0, flat, k.transpose(1, 2).reshape(-1, hd).to(kb.dtype))
+        vb.view(-1, hd).index_copy_(0, flat, v.transpose(1, 2).reshape(-1, hd).to(vb.dtype))
         rep = nq // nkv
         # Grouped-query attention without copying the cache: the `rep` query heads of each KV head become
         # rep*S query rows of that head ([B, nkv, rep*S, hd]); the mask is repeated to match.
@@ -59,12 +60,23 @@ class _Step:
     def __init__(self, lengths: torch.Tensor, num_new: torch.Tensor, width: int):
         B = lengths.shape[0]
         self.num_new = num_new
-        self.rows = torch.arange(B, device=lengths.device)[:, None]
         self.slots = lengths[:, None] + torch.arange(width, device=lengths.device)[None, :]  # [B, S]
         self.kv_len = int((lengths + width).max()) if B else 0
         keys = torch.arange(self.kv_len, device=lengths.device)
         self._mask = keys[None, None, :] <= self.slots[:, :, None]  # [B, S, kv_len]: key j <= query slot
         self._by_rep = {}
+        self._flat = {}
+
+    def flat_rows(self, nkv: int, max_len: int) -> torch.Tensor:
+        """Long[B*nkv*S]: the row of a [B, nkv, max_len, hd] buffer viewed as [B*nkv*max_len, hd] that token
+        (b, s) of kv head h goes to, in (b, h, s) order."""
+        key = (nkv, max_len)
+        if key not in self._flat:
+            B, S = self.slots.shape
+            base = (torch.arange(B, device=self.slots.device)[:, None] * nkv
+                    + torch.arange(nkv, device=self.slots.device)[None, :]) * max_len  # [B, nkv]
+            self._flat[key] = (base[:, :, None] + self.slots[:, None, :]).reshape(-1)
+        return self._flat[key]
 
     def mask(self, rep: int) -> torch.Tensor:
         """Boolean [B, 1, rep*S, kv_len] (the [B, S, kv_len] mask repeated for `rep` query heads per KV head)."""

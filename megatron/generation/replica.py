@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 
 from megatron.config import ConfigError
-from megatron.model import GPTModel, RotaryEmbedding
+from megatron.model import GPTModel
 
 
 def unwrap(model) -> torch.nn.Module:
@@ -42,10 +42,7 @@ def _plain_replica(cfg, ps, state) -> GPTModel:
     gen_cfg.parallel.activation_checkpointing = False
     with torch.device("meta"):
         replica = GPTModel(gen_cfg, ps)
-    replica.load_state_dict(state, strict=True, assign=True)
-    device = next(iter(state.values())).device
-    for block in replica.blocks:  # rotary tables are plain fp32 attributes, built on meta above
-        block.attention.rotary = RotaryEmbedding.from_config(gen_cfg).to(device)
+    replica.load_state_dict(state, strict=True, assign=True)  # rotary tables are CPU tensors even on meta
     return replica.eval()
 
 

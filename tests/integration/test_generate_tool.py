@@ -13,7 +13,6 @@ import pytest
 import torch
 import yaml
 
-from megatron.config.load import add_set_argument  # noqa: F401  (the tool's CLI helper must exist)
 from megatron.data import load_tokenizer
 from megatron.generation.prompts import encode_prompt
 from megatron.interop.convert import hf_to_megatron

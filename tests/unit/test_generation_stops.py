@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 from megatron.config import ConfigError
 from megatron.data import load_tokenizer
@@ -67,7 +66,7 @@ def test_over_long_prompt_is_a_clear_error(model):
 
 def test_ragged_batch_equals_each_prompt_alone(model):
     cfg, m = model
-    for params in (GREEDY, SamplingParams(temperature=0.8, top_k=40, max_new_tokens=9, seed=3, n=2)):
+    for params in (GREEDY, SamplingParams(temperature=0.8, top_k=40, max_new_tokens=6, seed=3, n=2)):
         together = generate(m, cfg, PS, PROMPTS, params, batch_size=64)
         for i, p in enumerate(PROMPTS):
             alone = generate(m, cfg, PS, [p], params, prompt_indices=[i])[0]
