@@ -132,7 +132,8 @@ def model_config(args, pack: bool, reference: str):
         "model.arch=llama", f"model.hidden_size={args.hidden_size}", f"model.num_layers={args.num_layers}",
         f"model.num_attention_heads={args.num_heads}", f"model.num_kv_heads={args.num_kv_heads or args.num_heads}",
         f"model.vocab_size={args.vocab_size}", f"model.max_seq_len={args.max_seq_len}", "model.norm=rmsnorm",
-        "model.activation=swiglu", f"model.attention={args.attention}", "model.dropout=0.0",
+        "model.activation=swiglu", f"model.attention={args.attention}", f"model.kernels={args.kernels}",
+        "model.dropout=0.0",
         "parallel.zero_stage=0", "parallel.tensor=1", "parallel.pipeline=1",
         f"train.micro_batch_size={args.batch_pairs}", f"train.global_batch_size={args.batch_pairs}",
         f"train.iters={args.warmup + args.steps}", f"train.seed={args.seed}", "train.precision=fp32",
@@ -376,7 +377,8 @@ def worker(variant: str, args) -> Dict[str, Any]:
 def _forward_args(args) -> List[str]:
     out = []
     for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size",
-                "max_seq_len", "batch_pairs", "warmup", "steps", "seed", "lr", "beta", "attention", "threads"):
+                "max_seq_len", "batch_pairs", "warmup", "steps", "seed", "lr", "beta", "attention", "kernels",
+                "threads"):
         v = getattr(args, key)
         if v is not None:
             out += [f"--{key.replace('_', '-')}", str(v)]
@@ -474,7 +476,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--attention", default="auto", help="our model.attention (auto = sdpa on CPU; TRL uses sdpa)")
+    p.add_argument("--attention", default="auto", help="our model.attention (auto: follow --kernels; TRL uses sdpa)")
+    p.add_argument("--kernels", default="auto", choices=("auto", "eager", "fused"),
+                   help="our model.kernels (auto: fused norm/rotary/SwiGLU, per-segment attention, fused head)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every variant")
     p.add_argument("--rounds", type=int, default=1, help="run the variant list this many times, interleaved; "
                    "the timed steps of all rounds are pooled (use >1 on a shared, noisy machine)")
@@ -505,7 +509,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
     ok, why = trl_available()
     import torch
-    print(f"# DPO benchmark: hidden {args.hidden_size}, {args.num_layers} layers, {args.num_heads} heads, vocab "
+    print(f"# DPO benchmark: model.kernels={args.kernels}, model.attention={args.attention}, "
+          f"hidden {args.hidden_size}, {args.num_layers} layers, {args.num_heads} heads, vocab "
           f"{args.vocab_size}, {args.batch_pairs} pairs/step, prompts {args.prompt_len[0]}-{args.prompt_len[1]}, "
           f"responses {args.response_len[0]}-{args.response_len[1]} tokens, max_seq_len {args.max_seq_len}, "
           f"{args.warmup} warm-up + {args.steps} timed steps (median), torch {torch.__version__}, "
