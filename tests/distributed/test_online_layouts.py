@@ -8,6 +8,9 @@ and ZeRO 3, against one rank. Two presets cover the loop's paths:
 
 Compared: every logged metric of the step (loss, pg_loss, kl, entropy, clip fractions, ratio, value loss,
 advantage mean, ...), and the policy's log-probs of every rollout token after the update (all weights moved).
+
+Then the whole loop (generate, score, train) for two grpo steps at tensor 2 and at data 2 with ZeRO 3 (the weights
+gathered once per generation phase) logs what one rank logs: the same samples, rewards and losses.
 """
 import json
 import os
@@ -64,8 +67,23 @@ def _config(root, world, preset, layout):
     sets = [f"rollout.prompts_path={_prompts_file(root)}", "checkpoint.load=null", "checkpoint.save=null",
             f"logging.dir={root}/logs", "train.progress_bar=false", "model.max_seq_len=32", "train.micro_batch_size=2",
             f"rollout.num_generations={GROUP}", f"rollout.prompts_per_step={N_PROMPTS}",
-            "reward.function=[exact_match]", "reward.weights=[]", "optimizer.lr=1e-2", f"launcher.num_gpus={world}"] + PRESETS[preset] + layout
+            "reward.function=[exact_match]", "reward.weights=[]", "optimizer.lr=1e-2",
+            f"launcher.num_gpus={world}"] + PRESETS[preset] + layout
     return load_run_config([os.path.join(TINY, "grpo.yml")], sets, world_size=world)
+
+
+def _reward_file(root):
+    path = os.path.join(root, "token_sum_reward.py")
+    with open(path, "w") as fh:
+        fh.write("def token_sum(completion_ids, **columns):\n"
+                 "    return [(sum(ids) % 10) / 10.0 for ids in completion_ids]\n")
+    return path
+
+
+def _loop_config(root, world, layout):
+    return _config(root, world, "grpo", layout + [
+        f"reward.function=[{_reward_file(root)}:token_sum]", "train.iters=2", "generation.max_new_tokens=6",
+        f"logging.dir={root}/loop_{world}_{'_'.join(layout)}"])
 
 
 def _update(rank, world, root, runs):
@@ -95,6 +113,9 @@ def _update(rank, world, root, runs):
         with torch.no_grad():
             logps, _ = token_logps(models.engine, batch_to(strip_private(probe), device))
         out[(preset, name)] = (metrics, logps[probe["loss_mask"] > 0].tolist())
+    from megatron.training.online import run_online
+    for layout in ([[]] if world == 1 else [LAYOUTS["tensor2"], LAYOUTS["data2_zero3"]]):
+        out[("loop", tuple(layout))] = run_online(_loop_config(root, world, layout)).history
     return out
 
 
@@ -126,3 +147,16 @@ def test_one_update_matches_one_rank(results, preset, layout):
         assert got_logps == pytest.approx(want_logps, abs=1e-5, rel=1e-5), (preset, layout, rank)
     # the update moved the policy: its log-probs after the step differ from the generator's fixed ones
     assert want_logps != pytest.approx(sum(fixed_rollouts().behaviour_logps, []), abs=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tensor2", "data2_zero3"])
+def test_whole_loop_matches_one_rank(results, layout):
+    single, two = results
+    want = single[("loop", ())]
+    assert len(want) == 2 and len({round(r["reward/mean"], 6) for r in want}) == 2
+    for rank in (0, 1):
+        got = two[rank][("loop", tuple(LAYOUTS[layout]))]
+        for g, w in zip(got, want):
+            for k in sorted(k for k in w if not k.startswith(IGNORED)):
+                assert g[k] == pytest.approx(w[k], abs=1e-5, rel=1e-5), (layout, rank, g["step"], k)
