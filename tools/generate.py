@@ -88,6 +88,7 @@ def run(cfg) -> dict:
     import deepspeed
     import torch
     import torch.distributed as dist
+    from megatron.config import ConfigError
     from megatron.data import load_tokenizer
     from megatron.data.chat_template import resolve_chat_template
     from megatron.engines.build import build_policy, device_for_rank, freeze_as_reference
@@ -96,7 +97,11 @@ def run(cfg) -> dict:
     from megatron.mpu import initialize_parallel
     from megatron.mpu.distributed import init_distributed
 
-    SamplingParams.from_config(cfg.generation)  # bad sampling values fail before anything loads
+    gen = cfg.generation
+    params = SamplingParams.from_config(gen)  # bad values and files fail before anything loads
+    records = read_records(gen.input)
+    if not gen.output:
+        raise ConfigError("key 'generation.output' is not set: give the JSONL file to write completions to")
     init_distributed(cfg.parallel.backend)
     world = dist.get_world_size() if dist.is_initialized() else 1
     with tempfile.TemporaryDirectory(prefix="generate_") as workdir:
@@ -108,12 +113,13 @@ def run(cfg) -> dict:
         model = freeze_as_reference(cfg, ps, build_policy(cfg, ps, tag_dir), device_for_rank(), deepspeed)
         tokenizer = load_tokenizer(cfg.data.tokenizer)
         eos = _eos_ids(tokenizer, root)
-    gen = cfg.generation
-    params = SamplingParams.from_config(gen)
-    records = read_records(gen.input)
     template = resolve_chat_template(cfg.data.chat_template, tokenizer.chat_template)
+    # Every rank encodes every record, so a bad record stops all ranks alike (none waits in a collective).
+    encoded, skipped = encode_records(records, range(len(records)), tokenizer, template, cfg.model.max_seq_len,
+                                      gen.input)
     mine = range(ps.dp_rank, len(records), ps.dp_size)  # strided: every rank gets a mix of lengths
-    prompts, skipped = encode_records(records, mine, tokenizer, template, cfg.model.max_seq_len, gen.input)
+    prompts = {i: encoded[i] for i in mine if i in encoded}
+    skipped = {i: why for i, why in skipped.items() if i in mine}
     is_main = ps.rank == 0
     bar = None
     if is_main:
