@@ -5,7 +5,8 @@ Following Megatron (Shoeybi et al. 2019, sec. 3, "fusing the output embedding GE
 loss"), the full vocabulary is never gathered: only per-token scalars cross the group. Each rank reduces its own
 columns to (local max m_r, sum exp(x - m_r), sum exp(x - m_r)(x - m_r), its shifted target logit); one all-reduce
 MAX of m_r and one all-reduce SUM of the rescaled scalars give the softmax statistics (`combine_stats`). The fp32
-math runs chunk by chunk over the flattened tokens, so an fp32 copy of all the logits never exists.
+math (fp64 for fp64 inputs) runs chunk by chunk over the flattened tokens, so an fp32 copy of all the logits
+never exists.
 
 Padded vocabulary: the head has `padded_vocab` rows (a multiple of 128 * tensor) but only ids `< vocab_size` are
 real. Every function here takes `vocab_size` and gives the padded ids zero probability (their logits count as
@@ -89,10 +90,15 @@ def local_stats(x: torch.Tensor, local_target: torch.Tensor, in_range: torch.Ten
     return LocalStats(m, s, w, t)
 
 
-def concat_stats(parts, device) -> LocalStats:
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The softmax math dtype for inputs of `dtype`: fp32, or fp64 for fp64 inputs (never less than fp32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def concat_stats(parts, device, dtype: torch.dtype = torch.float32) -> LocalStats:
     """The LocalStats of consecutive token chunks joined into one (empty `[0]` tensors when there are none)."""
     if not parts:
-        z = torch.zeros(0, dtype=torch.float32, device=device)
+        z = torch.zeros(0, dtype=dtype, device=device)
         return LocalStats(z, z, z, z)
     return LocalStats(*(torch.cat(col) for col in zip(*parts)))
 
@@ -158,9 +164,10 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         valid = valid_vocab_columns(vocab_size, vocab_start, vocab_local)
         local_target, in_range = target_columns(target, vocab_start, valid)
         # .to(copy=True): local_stats works in place on its chunk, which must never alias fp32 logits
-        parts = [local_stats(logits[s, :valid].to(torch.float32, copy=True), local_target[s], in_range[s],
+        acc = math_dtype(logits.dtype)
+        parts = [local_stats(logits[s, :valid].to(acc, copy=True), local_target[s], in_range[s],
                              with_entropy) for s in chunks(n, chunk_size)]
-        st = concat_stats(parts, logits.device)
+        st = concat_stats(parts, logits.device, acc)
         lse, logp, entropy = combine_stats(st, in_range, group)
         if vocab_size is not None:  # a padded id has probability 0
             logp = logp.masked_fill(target >= vocab_size, float("-inf"))
@@ -175,12 +182,13 @@ class _VocabParallelLogProbs(torch.autograd.Function):
     def backward(ctx, g_logp: Optional[torch.Tensor], g_ent: Optional[torch.Tensor]):
         logits, lse, entropy, local_target, in_range = ctx.saved_tensors
         valid = ctx.valid
-        g_ent = g_ent.float() if (ctx.with_entropy and g_ent is not None) else None
-        g_logp = g_logp.float() if g_logp is not None else None
+        acc = math_dtype(logits.dtype)
+        g_ent = g_ent.to(acc) if (ctx.with_entropy and g_ent is not None) else None
+        g_logp = g_logp.to(acc) if g_logp is not None else None
         grad = torch.empty_like(logits)
         grad[:, valid:] = 0
         for s in chunks(logits.shape[0], ctx.chunk_size):
-            x = logits[s, :valid].to(torch.float32, copy=True)
+            x = logits[s, :valid].to(acc, copy=True)
             grad[s, :valid] = softmax_grad(x, lse[s], entropy[s], None if g_logp is None else g_logp[s],
                                            None if g_ent is None else g_ent[s], local_target[s], in_range[s])
         return grad, None, None, None, None, None, None
@@ -251,7 +259,7 @@ def vocab_parallel_log_softmax(logits_shard: torch.Tensor, ps: ParallelState,
     Training uses the chunked per-target functions above.
     """
     vocab_start = ps.tp_rank * logits_shard.shape[-1]
-    x = mask_padded_vocab(logits_shard.float(), vocab_size, vocab_start)
+    x = mask_padded_vocab(logits_shard.to(math_dtype(logits_shard.dtype)), vocab_size, vocab_start)
     m = x.max(dim=-1, keepdim=True).values
     if group_size(ps.tp_group) > 1:
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=ps.tp_group)

@@ -21,8 +21,8 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from megatron.mpu.cross_entropy import (chunks, combine_stats, concat_stats, local_stats, softmax_grad,
-                                        target_columns, valid_vocab_columns)
+from megatron.mpu.cross_entropy import (chunks, combine_stats, concat_stats, local_stats, math_dtype,
+                                        softmax_grad, target_columns, valid_vocab_columns)
 from megatron.mpu.parallel_state import ParallelState
 
 # fp32 bytes one logits chunk may take when no chunk size is given (two such buffers live at a time).
@@ -43,12 +43,13 @@ class _FusedLinearLogProbs(torch.autograd.Function):
         valid = valid_vocab_columns(vocab_size, vocab_start, weight.shape[0])
         w = weight[:valid]
         local_target, in_range = target_columns(target, vocab_start, valid)
+        acc = math_dtype(hidden.dtype)
         parts = []
         for s in chunks(hidden.shape[0], chunk_size):
-            x = (hidden[s] @ w.t()).float()  # the matmul in the input dtype, as the plain head does
+            x = (hidden[s] @ w.t()).to(acc)  # the matmul in the input dtype, as the plain head does
             parts.append(local_stats(x, local_target[s], in_range[s], with_entropy))
             del x  # before the next chunk's GEMM: one chunk buffer alive, not two
-        lse, logp, entropy = combine_stats(concat_stats(parts, hidden.device), in_range, group)
+        lse, logp, entropy = combine_stats(concat_stats(parts, hidden.device, acc), in_range, group)
         if vocab_size is not None:
             logp = logp.masked_fill(target >= vocab_size, float("-inf"))
         ctx.save_for_backward(hidden, weight, lse, entropy, local_target, in_range)
@@ -63,19 +64,20 @@ class _FusedLinearLogProbs(torch.autograd.Function):
         hidden, weight, lse, entropy, local_target, in_range = ctx.saved_tensors
         valid = ctx.valid
         w = weight[:valid]
-        g_ent = g_ent.float() if (ctx.with_entropy and g_ent is not None) else None
-        g_logp = g_logp.float() if g_logp is not None else None
+        acc = math_dtype(hidden.dtype)
+        g_ent = g_ent.to(acc) if (ctx.with_entropy and g_ent is not None) else None
+        g_logp = g_logp.to(acc) if g_logp is not None else None
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         for s in chunks(hidden.shape[0], ctx.chunk_size):
-            x = (hidden[s] @ w.t()).float()
+            x = (hidden[s] @ w.t()).to(acc)
             dx = softmax_grad(x, lse[s], entropy[s], None if g_logp is None else g_logp[s],
                               None if g_ent is None else g_ent[s], local_target[s], in_range[s]).to(hidden.dtype)
             if need_h:
                 grad_h[s] = dx @ w
             if need_w:
-                grad_w[:valid].addmm_(dx.t().float(), hidden[s].float())
+                grad_w[:valid].addmm_(dx.t().to(acc), hidden[s].to(acc))
             del x, dx  # free this chunk's buffers before the next one is made
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None, None)
 
