@@ -12,6 +12,7 @@ import copy
 import os
 from typing import Optional, Tuple
 
+import torch
 import torch.distributed as dist
 
 from megatron.checkpoint import weights_io as wio
@@ -55,7 +56,6 @@ def build_critic(cfg: Config, ps, policy_init: Optional[str], ds_module, total_o
     init_dir, _ = critic_start(cfg, policy_init)
     ccfg = critic_config(cfg, init_dir)
     model = build_policy(ccfg, ps, init_dir)
-    import torch
     ds_cfg = build_deepspeed_config(ccfg, use_torch_adam=not torch.cuda.is_available())
     engine, *_ = ds_module.initialize(model=model, model_parameters=param_groups(model, ccfg.optimizer.weight_decay),
                                       config=ds_cfg, lr_scheduler=lambda_lr_factory(ccfg.optimizer,

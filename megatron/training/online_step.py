@@ -16,7 +16,7 @@ correction) needs no old log-probs at all: the ratio is the current log-probs ov
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -59,7 +59,6 @@ class OnlineModels:
 class LogpCheck:
     """Whether the generator's log-probs match the training forward (None until the launch's first step)."""
     matched: Optional[bool] = None
-    metrics: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
