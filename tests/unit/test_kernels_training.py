@@ -15,6 +15,7 @@ TINY = ["--hidden-size", "64", "--num-layers", "2", "--num-heads", "4", "--num-k
         "--steps", "2", "--lr", "1e-2", "--beta", "0.5", "--timeout", "600"]
 
 
+@pytest.mark.slow  # two training subprocesses (DeepSpeed start-up)
 @pytest.mark.parametrize("variant", ["ours-packed-live"])
 def test_eager_and_fused_kernels_train_alike(variant):
     runs = {k: B.run_variant(variant, B.parse_args(TINY + ["--kernels", k])) for k in ("eager", "fused")}
