@@ -126,7 +126,7 @@ def continues_run(tag_dir: str, cfg: Config) -> bool:
     data position) rather than used as the starting weights of a new stage.
 
     `checkpoint.load_optimizer` true/false decides; unset, the checkpoint continues only the same run: the
-    same objective on the same training data (a DPO run loading an SFT run starts a new stage at step 0).
+    same objective on the same training data or prompts (a DPO run loading an SFT run starts a new stage at step 0).
     The run's own checkpoints in `checkpoint.save` always resume in full and never come here.
     """
     if cfg.checkpoint.load_optimizer is not None:
@@ -135,7 +135,9 @@ def continues_run(tag_dir: str, cfg: Config) -> bool:
     if not os.path.exists(path):
         return False
     saved = load_dumped_config(path)
-    return (saved.objective.name, saved.data.train_path) == (cfg.objective.name, cfg.data.train_path)
+    # online RL runs train on prompts (rollout.prompts_path), offline ones on data.train_path
+    return ((saved.objective.name, saved.data.train_path, saved.rollout.prompts_path)
+            == (cfg.objective.name, cfg.data.train_path, cfg.rollout.prompts_path))
 
 
 def check_compatible(tag_dir: str, cfg: Config, weights_only: bool = False) -> None:
