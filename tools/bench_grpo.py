@@ -9,7 +9,8 @@ model weights, prompts, group size, completion length, KL and loss, in one run.
 Each side runs in its own subprocess (`--worker ours|trl`) and trains `--warmup` + `--steps` GRPO steps; one step =
 generate `--group` completions for each of `--prompts` prompts, score them, reference log-probs, group-normalised
 advantages, one optimizer step over all completions. The warm-up steps are not timed; the median of the timed steps
-is reported as completions/s.
+is reported as completions/s ("cpu s": the median process CPU time of a step, all threads: steadier than wall
+time on a shared machine).
 
 Same work on both sides: the policy is our seeded initial model (converted to `LlamaForCausalLM` with
 `megatron.interop` for TRL), fp32, one process, no dropout; the tokenizer is a word-level one whose word `t<i>` is
@@ -104,19 +105,29 @@ def config(args, files: Dict[str, str], work: str):
 
 def _summary(side: str, times: List[float], completions: int, extra: Dict[str, Any]) -> Dict[str, Any]:
     med = statistics.median(times)
-    return dict(side=side, step_times_s=times, median_step_s=med, completions_per_s=completions / med, **extra)
+    out = dict(side=side, step_times_s=times, median_step_s=med, completions_per_s=completions / med, **extra)
+    out["median_cpu_s"] = statistics.median(out["step_cpu_s"])
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ sides
 def run_ours(args, work: str, rss_base: float) -> Dict[str, Any]:
-    """Our online loop; the per-step time it logs."""
+    """Our online loop; the per-step time it logs, and the process CPU time between its steps."""
     from megatron.training.online import run_online
+    from megatron.training.trainer import Hooks
 
     files = write_inputs(args, work)
-    hist = run_online(config(args, files, work)).history
+    marks = [time.process_time()]
+
+    def mark(step: int) -> bool:
+        marks.append(time.process_time())
+        return False  # never asks the loop to stop
+
+    hist = run_online(config(args, files, work), Hooks(after_step=mark)).history
     timed = hist[args.warmup:]
+    cpu = [b - a for a, b in zip(marks[:-1], marks[1:])][args.warmup:]
     return _summary("ours", [r["time/step_s"] for r in timed], args.prompts * args.group, dict(
-        generate_s=statistics.median(r["time/generate_s"] for r in timed),
+        step_cpu_s=cpu, generate_s=statistics.median(r["time/generate_s"] for r in timed),
         train_s=statistics.median(r["time/train_s"] for r in timed),
         response_length=statistics.mean(r["response_length/mean"] for r in timed),
         rewards=[r["reward/mean"] for r in hist], **dpo._memory(rss_base)))
@@ -173,15 +184,16 @@ def run_trl(args, work: str, rss_base: float) -> Dict[str, Any]:
 
     class Timer(TrainerCallback):
         def __init__(self) -> None:
-            self.t0, self.times, self.lengths, self.rewards = 0.0, [], [], []
+            self.t0, self.c0, self.times, self.cpu, self.lengths, self.rewards = 0.0, 0.0, [], [], [], []
 
         def on_step_begin(self, a, state, control, **kw):
             dpo._sync()
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, a, state, control, **kw):
             dpo._sync()
             self.times.append(time.perf_counter() - self.t0)
+            self.cpu.append(time.process_time() - self.c0)
             m = trainer._metrics["train"]  # this step's generation metrics (cleared when TRL logs)
             if m.get("completions/mean_length"):
                 self.lengths.append(m["completions/mean_length"][-1])
@@ -196,7 +208,8 @@ def run_trl(args, work: str, rss_base: float) -> Dict[str, Any]:
     import trl
     lengths = timer.lengths[args.warmup:]
     return _summary("trl", timer.times[args.warmup:], completions, dict(
-        response_length=statistics.mean(lengths) if lengths else None, rewards=timer.rewards,
+        step_cpu_s=timer.cpu[args.warmup:], response_length=statistics.mean(lengths) if lengths else None,
+        rewards=timer.rewards,
         trl_version=trl.__version__, **dpo._memory(rss_base)))
 
 
@@ -259,7 +272,9 @@ def merge_rounds(rs: List[Dict[str, Any]], completions: int) -> Dict[str, Any]:
         return next((r for r in rs if "completions_per_s" not in r), {"side": "?", "error": "no runs"})
     out = dict(good[0])
     out["step_times_s"] = [t for r in good for t in r["step_times_s"]]
+    out["step_cpu_s"] = [t for r in good for t in r["step_cpu_s"]]
     out["median_step_s"] = statistics.median(out["step_times_s"])
+    out["median_cpu_s"] = statistics.median(out["step_cpu_s"])
     out["completions_per_s"] = completions / out["median_step_s"]
     out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in good)
     out["rounds"] = len(good)
@@ -267,7 +282,8 @@ def merge_rounds(rs: List[Dict[str, Any]], completions: int) -> Dict[str, Any]:
 
 
 def format_table(results: Sequence[Dict[str, Any]], args) -> str:
-    head = f"{'side':<6}{'completions/s':>15}{'gen tokens/s':>14}{'step s':>9}{'min s':>8}{'gen s':>8}{'peak MB':>9}"
+    head = (f"{'side':<6}{'completions/s':>15}{'gen tokens/s':>14}{'step s':>9}{'min s':>8}{'cpu s':>8}{'gen s':>8}"
+            f"{'peak MB':>9}")
     lines = [head, "-" * len(head)]
     for r in results:
         if "completions_per_s" not in r:
@@ -276,7 +292,7 @@ def format_table(results: Sequence[Dict[str, Any]], args) -> str:
         gen = f"{r['generate_s']:.2f}" if r.get("generate_s") is not None else "-"
         lines.append(f"{r['side']:<6}{r['completions_per_s']:>15.2f}"
                      f"{r['completions_per_s'] * args.completion_len:>14.0f}{r['median_step_s']:>9.2f}"
-                     f"{min(r['step_times_s']):>8.2f}{gen:>8}{r['peak_rss_mb']:>9.0f}")
+                     f"{min(r['step_times_s']):>8.2f}{r['median_cpu_s']:>8.2f}{gen:>8}{r['peak_rss_mb']:>9.0f}")
     return "\n".join(lines)
 
 
@@ -349,6 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "ours" in by and "trl" in by:
         a, b = by["ours"], by["trl"]
         print(f"\nours / TRL: {a['completions_per_s'] / b['completions_per_s']:.2f}x completions/s (median step), "
+              f"{b['median_cpu_s'] / a['median_cpu_s']:.2f}x on CPU time per step, "
               f"{min(b['step_times_s']) / min(a['step_times_s']):.2f}x on the fastest step; response length "
               f"{a.get('response_length')} vs {b.get('response_length')} tokens")
     if args.json:

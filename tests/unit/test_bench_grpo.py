@@ -28,6 +28,7 @@ def test_both_sides_run_the_same_work():
     ours = B.run_side("ours", args)
     assert "error" not in ours, ours
     assert ours["response_length"] == 5 and ours["completions_per_s"] > 0 and len(ours["step_times_s"]) == 1
+    assert len(ours["step_cpu_s"]) == 1 and ours["median_cpu_s"] > 0
     assert len(ours["rewards"]) == 2 and all(0.0 <= r <= 1.0 for r in ours["rewards"])
     try:
         import trl  # noqa: F401
@@ -36,4 +37,4 @@ def test_both_sides_run_the_same_work():
     theirs = B.run_side("trl", args)
     assert "error" not in theirs, theirs
     assert theirs["response_length"] == 5  # min_new_tokens: exactly as many tokens as ours
-    assert theirs["completions_per_s"] > 0 and len(theirs["step_times_s"]) == 1
+    assert theirs["completions_per_s"] > 0 and len(theirs["step_times_s"]) == 1 and theirs["median_cpu_s"] > 0
