@@ -42,8 +42,9 @@ def metrics_file(run: str) -> str:
     return path
 
 
-def read_series(path: str) -> Dict[str, Tuple[List[int], List[float]]]:
-    """{metric name: (steps, values)} from a metrics.jsonl, rows in file order, NaN/inf values left out."""
+def read_series(path: str, x_key: str = "step") -> Dict[str, Tuple[List[int], List[float]]]:
+    """{metric name: (steps, values)} from a metrics.jsonl, rows in file order, NaN/inf values left out.
+    x_key: the row field the values are drawn against (tools/iterate.py's rounds.jsonl: `round`)."""
     series: Dict[str, Tuple[List[int], List[float]]] = {}
     with open(path, "r", encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -53,21 +54,21 @@ def read_series(path: str) -> Dict[str, Tuple[List[int], List[float]]]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a torn last line of a killed run
-            step = row.get("step")
+            step = row.get(x_key)
             if step is None:
-                raise ValueError(f"{path}:{lineno}: row has no 'step'")
+                raise ValueError(f"{path}:{lineno}: row has no '{x_key}'")
             for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                if key != x_key and isinstance(value, (int, float)) and math.isfinite(value):
                     steps, values = series.setdefault(key, ([], []))
                     steps.append(int(step))
                     values.append(float(value))
     return series
 
 
-def panel_of(name: str) -> Optional[str]:
+def panel_of(name: str, panels=PANELS) -> Optional[str]:
     """The title of the panel that draws metric `name` (train or `eval/`), or None when none does."""
     bare = name[len("eval/"):] if name.startswith("eval/") else name
-    for title, member in PANELS:
+    for title, member in panels:
         if member(bare):
             return title
     return None
@@ -80,16 +81,18 @@ def _label(run: str) -> str:
     return os.path.basename(path.rstrip(os.sep)) or path
 
 
-def plot_runs(runs: Sequence[str], out: str, labels: Optional[Sequence[str]] = None) -> Dict[str, int]:
+def plot_runs(runs: Sequence[str], out: str, labels: Optional[Sequence[str]] = None, x_key: str = "step",
+              panels=PANELS) -> Dict[str, int]:
     """Draw every run's metrics into the PNG `out`; returns {panel title: number of lines drawn} (the panels
-    present, in order). `labels` name the runs in the legends (default: each run directory's name)."""
+    present, in order). `labels` name the runs in the legends (default: each run directory's name); x_key and
+    panels ((title, member(name)) pairs) let other row files reuse the drawing (tools/iterate.py's rounds)."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
     labels = list(labels) if labels else [_label(r) for r in runs]
-    data = [read_series(metrics_file(r)) for r in runs]
-    titles = [t for t, _ in PANELS if any(panel_of(k) == t for series in data for k in series)]
+    data = [read_series(metrics_file(r), x_key) for r in runs]
+    titles = [t for t, _ in panels if any(panel_of(k, panels) == t for series in data for k in series)]
     if not titles:
         raise ValueError(f"nothing to plot: no known metric in {', '.join(runs)}")
     cols = 2 if len(titles) > 1 else 1
@@ -98,7 +101,7 @@ def plot_runs(runs: Sequence[str], out: str, labels: Optional[Sequence[str]] = N
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     counts: Dict[str, int] = {}
     for ax, title in zip(axes.flat, titles):
-        keys = sorted({k for series in data for k in series if panel_of(k) == title})
+        keys = sorted({k for series in data for k in series if panel_of(k, panels) == title})
         train_keys = [k for k in keys if not k.startswith("eval/")]
         for i, (label, series) in enumerate(zip(labels, data)):
             for j, key in enumerate(keys):
@@ -113,7 +116,7 @@ def plot_runs(runs: Sequence[str], out: str, labels: Optional[Sequence[str]] = N
                         label=f"{label}: {key}" if len(runs) > 1 else key, **style)
                 counts[title] = counts.get(title, 0) + 1
         ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_xlabel(x_key)
         ax.grid(alpha=0.3)
         if title == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
