@@ -138,7 +138,8 @@ class Encoder:
             memo[text] = self.tok.encode(text)
         return memo[text]
 
-    def tokenize(self, full: str, bounds: Sequence[int], memo: Dict[str, List[int]]) -> Tuple[List[int], List[int], Optional[str]]:
+    def tokenize(self, full: str, bounds: Sequence[int],
+                 memo: Dict[str, List[int]]) -> Tuple[List[int], List[int], Optional[str]]:
         """(ids, token boundaries matching `bounds`, None or why the segments were tokenised separately).
 
         Joint: ids of `full`, each boundary where its text prefix's ids end (they must be a token prefix).
@@ -185,7 +186,8 @@ class Encoder:
                                            f"[0, {self.tok.vocab_size})")
         return list(ids)
 
-    def _sequence(self, rec: NormalRecord, i: int, memo: Dict[str, List[int]]) -> Tuple[List[int], List[Span], Optional[str]]:
+    def _sequence(self, rec: NormalRecord, i: int,
+                  memo: Dict[str, List[int]]) -> Tuple[List[int], List[Span], Optional[str]]:
         """(ids, scored spans, fallback reason) of response `i` before length limits."""
         eos, bos = self.tok.eos_id, self.tok.bos_id
         if rec.mode == IDS:

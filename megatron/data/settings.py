@@ -105,7 +105,8 @@ def preprocess_settings(cfg) -> PreprocessSettings:
         raise ConfigError(f"key 'data.prompt_boundary': {d.prompt_boundary!r} is not one of "
                           f"{', '.join(PROMPT_BOUNDARIES)}")
     if d.assistant_turns not in ASSISTANT_TURNS:
-        raise ConfigError(f"key 'data.assistant_turns': {d.assistant_turns!r} is not one of {', '.join(ASSISTANT_TURNS)}")
+        raise ConfigError(f"key 'data.assistant_turns': {d.assistant_turns!r} is not one of "
+                          f"{', '.join(ASSISTANT_TURNS)}")
     if d.num_workers < 1:
         raise ConfigError(f"key 'data.num_workers': must be >= 1, got {d.num_workers}")
     fields = Fields(prompt=d.prompt_field, response=d.response_field, messages=d.messages_field,

@@ -98,7 +98,8 @@ def test_score_columns_give_margin_and_batch_scores(tmp_path):
     assert [ds.indexed.score(i) for i in (0, 1, 4, 5)] == [8.5, 2.0, 1.0, 0.5]
     batch = one_batch(ds, [0, 1, 2])
     assert batch["margin"].tolist() == [6.5, 0.0, 3.0]
-    assert batch["score_chosen"][[0, 2]].tolist() == [8.5, 1.0] and batch["score_rejected"][[0, 2]].tolist() == [2.0, 0.5]
+    assert batch["score_chosen"][[0, 2]].tolist() == [8.5, 1.0]
+    assert batch["score_rejected"][[0, 2]].tolist() == [2.0, 0.5]
     assert np.isnan(batch["score_chosen"][1].item()) and np.isnan(batch["score_rejected"][1].item())
     plain = one_batch(ds, [1])  # a micro-batch without any scored record carries no score keys
     assert "score_chosen" not in plain and "margin" not in plain
