@@ -151,8 +151,11 @@ class FrontierLoop:
         self.filter_settings = loop_data.filter_settings(lc.filter)
         if lc.pairs not in ("best-vs-worst", "all-pairs"):
             raise ConfigError(f"key 'loop.pairs': {lc.pairs!r} is not one of best-vs-worst, all-pairs")
-        if lc.evaluate and not os.path.isfile(SCRIPTS["evaluate"]):
-            raise ConfigError("key 'loop.evaluate': tools/evaluate.py is missing")
+        if lc.evaluate:
+            import importlib.util
+            if importlib.util.find_spec("lm_eval") is None:
+                raise ConfigError("key 'loop.evaluate': tools/evaluate.py needs lm-evaluation-harness: "
+                                  "pip install lm-eval (or set loop.evaluate: false)")
         # Every training phase's config must load now, not hours later (placeholders for paths made later).
         from megatron.engines.run_config import load_run_config
         from megatron.training.launcher import world_size_for

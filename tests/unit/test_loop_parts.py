@@ -3,6 +3,7 @@ config errors, the state file's transitions, the data phases (prompts tagged, ge
 a round's report line (reward statistics, paired win rate, counts after each filter rule) on crafted files."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -70,6 +71,9 @@ def test_plan_phases_and_config_errors(tmp_path):
     loop = _loop(tmp_path, f"loop.policy={ck}", f"score.model={ck}", f"loop.committee=[{ck}]", "loop.rounds=0",
                  "loop.train=[preference]")
     assert [p.name for p in loop.plan()][:4] == ["prompts", "round_0/generate", "round_0/generate_c0", "round_0/merge"]
+    if importlib.util.find_spec("lm_eval") is not None:
+        loop = _loop(tmp_path, f"loop.policy={ck}", f"score.model={ck}", "loop.rounds=0", "loop.evaluate=true")
+        assert [p.name for p in loop.plan()][-2:] == ["round_0/evaluate", "round_0/report"]
     cases = [(["loop.prompts=null"], "loop.prompts' is not set"),
              (["loop.prompts=/no/such.jsonl"], "does not exist"),
              (["loop.train=[sft, dpo]"], "loop.train"),
@@ -143,4 +147,7 @@ def test_data_phases_and_report_row(tmp_path):
     assert row["count/samples"] == 5 and row["count/after_too_short"] == 4 and row["count/kept"] == 4
     assert [k[len("count/after_"):] for k in row if k.startswith("count/after_")] == RULES
     assert row["heldout/mean"] == 4.0 and (row["count/sft"], row["count/pairs"]) == (1, 1)
+    row = round_row(0, "/ck", str(tmp_path / "s.jsonl"), None, None, rep, sel, {"tiny_mc": {"acc": 0.5, "alias": "x"}})
+    assert row["win_rate"] is None and "heldout/mean" not in row and row["lm_eval/tiny_mc/acc"] == 0.5
+    assert "lm_eval/tiny_mc/alias" not in row
     assert os.path.isfile(os.path.join(DATA, "prompts.jsonl"))
