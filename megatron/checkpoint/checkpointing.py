@@ -21,7 +21,10 @@ import torch.distributed as dist
 
 from megatron.config import Config, dump_config, load_dumped_config
 
-from .weights_io import CheckpointError, read_meta, resolve_tag_dir  # noqa: F401 (CheckpointError re-exported)
+from .module_io import save_module_weights
+from .optimizer_state import has_optimizer_state, save_optimizer_state
+from .reshard_resume import layout_changes, resume_resharded
+from .weights_io import CheckpointError, read_meta, resolve_tag_dir, write_shard  # noqa: F401 (re-exported)
 
 LATEST = "latest"
 FORMAT_VERSION = 1
@@ -188,17 +191,20 @@ def canonical_state_dict(module: torch.nn.Module, zero_stage: int) -> Dict[str, 
 
 
 def weights_file(tag_dir: str, tp_rank: int, pp_rank: int) -> str:
-    """Path of the weight shard of tensor rank `tp_rank` and pipeline stage `pp_rank`."""
-    return os.path.join(tag_dir, "weights", f"tp{tp_rank:02d}_pp{pp_rank:02d}.pt")
+    """Path of the weight shard of tensor rank `tp_rank` and pipeline stage `pp_rank` (safetensors)."""
+    return os.path.join(tag_dir, "weights", f"tp{tp_rank:02d}_pp{pp_rank:02d}.safetensors")
 
 
 def save_checkpoint(cfg: Config, ps, engine, state: TrainState,
-                    weights_fn: Callable[[], Dict[str, torch.Tensor]],
+                    weights_fn: Optional[Callable[[], Dict[str, torch.Tensor]]] = None,
                     extra_meta: Optional[Dict[str, Any]] = None,
                     before_commit: Optional[Callable[[], None]] = None) -> str:
     """Collective save of everything needed to resume exactly. Returns the final tag directory.
 
-    weights_fn: returns this rank's canonical state dict (may be collective, e.g. ZeRO-3 gather).
+    weights_fn: returns this rank's canonical state dict; None (the default) streams `engine.module`'s
+    parameters one at a time instead (ZeRO-3: one parameter gathered at a time, never the whole model).
+    Besides DeepSpeed's own state the canonical optimizer state is written (`optimizer_state`), so the run can
+    resume at another tensor/pipeline/data size.
     before_commit: called on every rank just before the rename (tests use it to simulate a crash).
     """
     root = cfg.checkpoint.save
@@ -211,9 +217,14 @@ def save_checkpoint(cfg: Config, ps, engine, state: TrainState,
         os.makedirs(os.path.join(tmp, "client"))
     _barrier()
     engine.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
-    weights = weights_fn()
-    if ps.dp_rank == 0:
-        torch.save(weights, weights_file(tmp, ps.tp_rank, ps.pp_rank))
+    path = weights_file(tmp, ps.tp_rank, ps.pp_rank) if ps.dp_rank == 0 else None
+    if weights_fn is None:
+        save_module_weights(engine.module, path)
+    else:
+        weights = weights_fn()
+        if path is not None:
+            write_shard(path, weights)
+    save_optimizer_state(engine, tmp, cfg, ps)
     torch.save({"rng": rng_state()}, os.path.join(tmp, "client", f"rank{ps.rank:05d}.pt"))
     _barrier()
     if before_commit is not None:
@@ -251,6 +262,10 @@ def _prune(root: str, keep_last: int, keep: str) -> None:
 def load_training_state(tag_dir: str, cfg: Config, ps, engine) -> TrainState:
     """Restore engine (model, optimizer, scheduler), RNG and position from a full training checkpoint."""
     meta = read_meta(tag_dir)
+    changes = layout_changes(tag_dir, meta, cfg, ps, engine)
+    if changes and has_optimizer_state(tag_dir):  # another layout: through the canonical form (issue 11)
+        resume_resharded(tag_dir, meta, cfg, ps, engine, changes)
+        return TrainState(step=int(meta["step"]), consumed_samples=int(meta["consumed_samples"]))
     if (meta.get("tensor"), meta.get("pipeline")) != (ps.tp_size, ps.pp_size):
         new_stage = ("start a new stage from its weights (re-sharded) with --set checkpoint.save=NEW_DIR "
                      f"checkpoint.load={tag_dir} checkpoint.load_optimizer=false" if is_own_checkpoint(cfg, tag_dir)

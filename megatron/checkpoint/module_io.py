@@ -93,8 +93,22 @@ def load_from_source(module: nn.Module, source, cfg: Config, ps, where: str,
     missing = [k for k, _ in params if not source.has(k) and k not in kept]
     if missing:
         raise CheckpointError(f"{where} lacks weights for: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+    from .weights_io import VOCAB_KEYS, canonical_shapes
+
+    want_full = canonical_shapes(cfg, 1)
+    direct = getattr(source, "read_shard_into", None)
     for key, p in params:
         if key in kept:
+            continue
+        saved_full = tuple(source.full_shape(key)) if hasattr(source, "full_shape") else tuple(want_full[key])
+        skip = 1 if key in VOCAB_KEYS else 0  # vocabulary rows are re-padded, only the width must agree
+        if saved_full[skip:] != tuple(want_full[key])[skip:]:
+            raise CheckpointError(f"{where}: tensor '{key}' has shape {saved_full} in the checkpoint (tensor=1) but "
+                                  f"{tuple(want_full[key])} in the model")
+        if direct is not None and on_param is None and not is_zero3(p) and p.device.type == "cpu" \
+                and p.dtype == torch.float32 and p.is_contiguous():
+            with torch.no_grad():  # straight from the file into the parameter's memory: no copy of the shard
+                direct(key, cfg, ps.tp_size, ps.tp_rank, p.data)
             continue
         value = source.read_shard(key, cfg, ps.tp_size, ps.tp_rank)
         if tuple(value.shape) != param_shape(p):

@@ -201,8 +201,13 @@ def load_optimizer_state(engine, tag_dir: str, cfg: Config, ps) -> Dict[str, Any
             src.close()
     sched = getattr(engine, "lr_scheduler", None)
     if sched is not None and meta.get("scheduler"):
-        sched.load_state_dict({**sched.state_dict(), **meta["scheduler"]})
-        for group, lr in zip(base_optimizer(engine).param_groups, sched.get_last_lr()):
+        # Only the position: the per-group lists (base_lrs, _last_lr) follow this run's parameter groups, which
+        # another ZeRO stage may split differently.
+        saved = meta["scheduler"]
+        sched.last_epoch, sched._step_count = int(saved["last_epoch"]), int(saved.get("_step_count", 0))
+        lrs = [base * fn(sched.last_epoch) for fn, base in zip(sched.lr_lambdas, sched.base_lrs)]
+        sched._last_lr = lrs
+        for group, lr in zip(base_optimizer(engine).param_groups, lrs):
             group["lr"] = lr
     for attr in ("global_steps", "global_samples", "skipped_steps"):
         if hasattr(engine, attr) and attr in meta:

@@ -132,6 +132,40 @@ class CheckpointSource:
                 parts.append(self.file(saved_rank, stage).read(key, dim, a, b))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
+    def read_shard_into(self, key: str, cfg: Config, tp: int, rank: int, out: torch.Tensor) -> None:
+        """`read_shard` straight into `out` (this rank's shard shape, the stored dtype, CPU): each piece is read
+        into its place, so loading a parameter needs no memory beside the parameter itself."""
+        if not self.has(key):
+            raise CheckpointError(f"{self.tag_dir} has no tensor '{key}'")
+        stage = stage_of_key(key, self.blocks_per_stage)
+        dim, pieces = shard_pieces(key, cfg, tp, rank, self.cfg, self.tensor)
+        if dim is None:
+            f = self.file(0, stage)
+            shape = tuple(f.shape(key))
+            if tuple(out.shape) != shape:
+                raise CheckpointError(f"{f.path}: tensor '{key}' has shape {shape}, the destination {tuple(out.shape)}")
+            if shape and f.dtype(key) == out.dtype:
+                f.read_into(key, 0, 0, shape[0], out)
+            else:
+                with torch.no_grad():
+                    out.copy_(f.read(key))
+            return
+        at = 0
+        for saved_rank, a, b in pieces:
+            dst = out.narrow(dim, at, b - a)
+            f = None if saved_rank is None else self.file(saved_rank, stage)
+            with torch.no_grad():
+                if f is None:
+                    dst.zero_()
+                elif f.dtype(key) != out.dtype:  # not stored in the destination's dtype: read, then convert
+                    dst.copy_(f.read(key, dim, a, b))
+                else:
+                    f.read_into(key, dim, a, b, dst)
+            at += b - a
+        if at != out.shape[dim]:
+            raise CheckpointError(f"{self.tag_dir}: tensor '{key}' re-sharded to tensor={tp} has {at} rows/columns along "
+                                  f"dim {dim}, the destination {out.shape[dim]}")
+
     def read_full(self, key: str, cfg: Optional[Config] = None) -> torch.Tensor:
         """The tensor=1 tensor of `key` (vocabulary rows padded to pad_vocab(vocab, 1))."""
         return self.read_shard(key, cfg or self.cfg, 1, 0)

@@ -195,6 +195,37 @@ class TensorFile:
         self.tensors_read += 1
         return out
 
+    def read_into(self, name: str, dim: int, start: int, stop: int, out: torch.Tensor) -> None:
+        """Read rows (dim 0) or columns (dim 1, 2-D) [start, stop) of `name` straight into `out` (a CPU tensor of
+        the slice's shape and the stored dtype; rows of `out` may be strided, elements within a row not): no
+        intermediate copy, so loading a model needs no memory beyond the model."""
+        dtype, shape, begin, _end = self._entry(name)
+        want = (stop - start,) + tuple(shape[1:]) if dim == 0 else (shape[0], stop - start)
+        if out.dtype != dtype or tuple(out.shape) != want or out.device.type != "cpu" or not 0 <= start <= stop <= shape[dim]:
+            raise TensorFileError(f"{self.path}: cannot read '{name}' [{start}, {stop}) along dim {dim} into a "
+                                  f"{tuple(out.shape)} {out.dtype} {out.device} tensor")
+        if self._sd is not None:
+            with torch.no_grad():
+                out.copy_(self._sd[name].narrow(dim, start, stop - start))
+        elif out.numel():
+            if out.dim() == 0 or out.is_contiguous():
+                rows = [(_as_bytes(out), begin + start * _numel(shape[1:]) * dtype.itemsize)] if dim == 0 else None
+            else:
+                rows = None
+            if rows is None:  # one contiguous run per row of `out` (dim 1, or a column block of a larger tensor)
+                if out.dim() != 2 or out.stride(1) != 1:
+                    raise TensorFileError(f"{self.path}: '{name}' destination rows must be contiguous")
+                raw = out.view(torch.uint8).numpy() if dtype != torch.bool else out.numpy().view("u1")
+                item, cols = dtype.itemsize, shape[-1] if dim == 1 else 0
+                rows = []
+                for r in range(out.shape[0]):
+                    off = begin + ((r * cols + start) * item if dim == 1 else ((start + r) * _numel(shape[1:])) * item)
+                    rows.append((memoryview(raw[r]).cast("B"), off))
+            for view, off in rows:
+                _pread_into(self._fd, view, off, self.path)
+        self.bytes_read += out.numel() * dtype.itemsize
+        self.tensors_read += 1
+
     def read_all(self) -> Dict[str, torch.Tensor]:
         """Every tensor of the file (for small files and tests)."""
         return {k: self.read(k) for k in self.names()}

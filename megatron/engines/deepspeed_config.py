@@ -30,8 +30,21 @@ def build_deepspeed_config(cfg: Config, use_torch_adam: bool, with_optimizer: bo
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "zero_allow_untested_optimizer": True,
     }
+    if cfg.parallel.zero_stage >= 1:
+        # Communication buckets sized to the model (transformers' "auto" values), not DeepSpeed's 5e8 elements:
+        # those are flat fp32 buffers of 2 GiB per rank, more than a 160M model's whole sharded state.
+        h2 = cfg.model.hidden_size ** 2
+        ds["zero_optimization"]["reduce_bucket_size"] = h2
+        if cfg.parallel.zero_stage < 3:
+            ds["zero_optimization"]["allgather_bucket_size"] = h2
     if cfg.parallel.zero_stage == 3:
+        # Gathered parameters are released after use: DeepSpeed's defaults (1e9 live parameters, reuse distance
+        # 1e9) keep every gathered layer of a model below 1e9 parameters alive from the second step on, i.e. the
+        # whole model on every rank. ~16 h^2 is a bit more than one transformer block (12 h^2).
         ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0,
+                                         "stage3_prefetch_bucket_size": int(0.9 * h2),
+                                         "stage3_max_live_parameters": 16 * h2,
+                                         "stage3_max_reuse_distance": 16 * h2,
                                          "stage3_gather_16bit_weights_on_model_save": False})
     if t.precision == "bf16":
         ds["bf16"] = {"enabled": True}

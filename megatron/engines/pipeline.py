@@ -58,7 +58,8 @@ def build_pipeline_reference(cfg: Config, ps, policy_module, ds_module):
 
     if cfg.derived.reference_mode != "live":
         return None
-    ref = build_pipeline_module(cfg, ps, activation_checkpointing=False)
+    # Deferred: allocated without an initialisation of its own, then given the policy's initial weights.
+    ref = build_pipeline_module(cfg, ps, activation_checkpointing=False, deferred=True)
     ref.load_state_dict(policy_module.state_dict())
     if cfg.reference.load:
         load_weights_into_stage(ref, cfg.reference.load, cfg, ps)
@@ -76,9 +77,9 @@ def build_pipeline_engines(cfg: Config, ps, init_from: Optional[str], ds_module)
     """
     from .pipeline_engine import MegatronPipelineEngine  # these import deepspeed
     from .pipeline_module import build_pipeline_module, load_weights_into_stage
-    from .build import param_groups
+    from .build import param_groups, skip_single_replica_allreduce
 
-    module = build_pipeline_module(cfg, ps)
+    module = build_pipeline_module(cfg, ps, deferred=init_from is not None)
     if init_from is not None:
         load_weights_into_stage(module, init_from, cfg, ps)
     ref_engine = build_pipeline_reference(cfg, ps, module, ds_module)
@@ -86,6 +87,7 @@ def build_pipeline_engines(cfg: Config, ps, init_from: Optional[str], ds_module)
         model=module, model_parameters=param_groups(module, cfg.optimizer.weight_decay),
         config=pipeline_deepspeed_config(cfg, with_optimizer=True),
         lr_scheduler=lambda_lr_factory(cfg.optimizer, cfg.train.iters))
+    skip_single_replica_allreduce(engine, cfg, ps)
     return MegatronPipelineEngine.adopt(engine, ps), ref_engine
 
 

@@ -21,10 +21,11 @@ import yaml
 from megatron.config import Config, ConfigError, config_from_dict
 from megatron.config.derive import derive_and_validate
 from megatron.checkpoint import weights_io as wio
+from megatron.checkpoint.sharded_read import CheckpointSource, write_shards
 
 from .hf_config import ConversionError, architecture_of, family_for_export, hf_to_model_fields, model_to_hf_config
-from .hf_files import copy_tokenizer, load_hf_state_dict, save_hf_state_dict
-from .hf_mapping import canonical_to_hf, hf_to_canonical
+from .hf_files import copy_tokenizer
+from .hf_stream import HFSource, write_hf_weights
 from . import token_ids
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -92,9 +93,8 @@ def hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str =
         cfg.objective.name = "rm"  # the objective that trains a value head (config validation requires it)
     _check_tp(cfg, tp)
     _resolve(cfg, tp, pp)
-    full = hf_to_canonical(load_hf_state_dict(hf_dir), cfg, family)
-    wio.check_keys_and_shapes(full, cfg, 1, f"converted {hf_dir}")
-    shards = wio.reshard(full, cfg, tp, pp, blocks_per_stage)
+    bps = _blocks_per_stage(cfg, pp, blocks_per_stage)
+    source = HFSource(hf_dir, cfg, family)  # checks names and shapes before anything is written
     os.makedirs(out, exist_ok=True)
     if copy_tokenizer(hf_dir, os.path.join(out, "tokenizer")):
         cfg.data.tokenizer = os.path.abspath(os.path.join(out, "tokenizer"))
@@ -102,12 +102,36 @@ def hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str =
     for name in ("config.json", "generation_config.json"):
         if os.path.isfile(os.path.join(hf_dir, name)):
             shutil.copyfile(os.path.join(hf_dir, name), os.path.join(out, "hf", name))
-    bps = list(blocks_per_stage) if blocks_per_stage else wio.default_blocks_per_stage(cfg.model.num_layers, pp)
     meta = {"step": 0, "consumed_samples": 0, "blocks_per_stage": bps, "source": os.path.abspath(hf_dir),
             "hf_architecture": (raw.get("architectures") or [family])[0]}
-    tag_dir = wio.write_checkpoint(out, RELEASE_TAG, cfg, shards, meta)
+    tag_dir = _write_streamed(out, RELEASE_TAG, cfg, source, tp, pp, bps, meta)
     write_model_yaml(cfg, os.path.join(out, "model.yaml"))
     return tag_dir
+
+
+def _blocks_per_stage(cfg: Config, pp: int, blocks_per_stage: Optional[Sequence[int]]) -> list:
+    """The pipeline split to write: `blocks_per_stage` (checked) or the uniform default."""
+    bps = list(blocks_per_stage) if blocks_per_stage else wio.default_blocks_per_stage(cfg.model.num_layers, pp)
+    if len(bps) != pp or sum(bps) != cfg.model.num_layers:
+        raise ValueError(f"blocks_per_stage={bps} must have {pp} entries summing to num_layers="
+                         f"{cfg.model.num_layers}")
+    return bps
+
+
+def _write_streamed(out: str, tag: str, cfg: Config, source, tp: int, pp: int, bps: Sequence[int],
+                    meta: dict) -> str:
+    """Write checkpoint `out/<tag>` (config.yaml, meta.json, weights/) from `source` one tensor slice at a time,
+    atomically (`<tag>.tmp` renamed when complete, then `latest`). Returns the tag dir."""
+    from megatron.config import dump_config
+
+    tmp = wio.begin_checkpoint(out, tag)
+    try:
+        dump_config(cfg, os.path.join(tmp, "config.yaml"))
+        write_shards(source, tmp, cfg, tp, pp, bps)
+    finally:
+        source.close()
+    wio.write_meta(tmp, tp, pp, meta, bps)
+    return wio.commit_checkpoint(out, tag)
 
 
 def _find_tokenizer(ckpt: str, cfg: Config) -> Optional[str]:
@@ -151,7 +175,8 @@ def megatron_to_hf(ckpt: str, out: str, tag: Optional[str] = None, architecture:
     """
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    full, meta, cfg = wio.read_weights(ckpt, tag)
+    source = CheckpointSource(wio.resolve_tag_dir(ckpt, tag))  # read one tensor at a time while writing
+    meta, cfg = source.meta, source.cfg
     family = family_for_export(cfg, architecture)
     hf_dir = token_ids.find_base_hf_dir(wio.resolve_tag_dir(ckpt, tag), cfg)
     base = token_ids.read_json(os.path.join(hf_dir, "config.json")) if hf_dir else None
@@ -168,10 +193,10 @@ def megatron_to_hf(ckpt: str, out: str, tag: Optional[str] = None, architecture:
     ids = token_ids.export_token_ids(tok_ids, base, base_gen, cfg.model.value_head)
     for key, value in ids.items():
         setattr(hf_cfg, key, value)
-    hf_sd = canonical_to_hf(full, cfg, family, torch_dtype, drop_value_bias)
     os.makedirs(out, exist_ok=True)
+    with source:
+        write_hf_weights(source, cfg, family, out, torch_dtype, drop_value_bias)
     hf_cfg.save_pretrained(out)
-    save_hf_state_dict(hf_sd, out)
     if not cfg.model.value_head:
         _write_generation_config(hf_cfg, out, base_gen, token_ids.export_generation_ids(ids, tok_ids, base_gen))
     if tok:
@@ -196,11 +221,11 @@ def reshard_checkpoint(ckpt: str, out: str, tp: int, pp: int, tag: Optional[str]
     Optimizer/engine state is not carried over. Returns the new tag dir.
     """
     tag_dir = wio.resolve_tag_dir(ckpt, tag)
-    full, meta, cfg = wio.read_weights(tag_dir)
-    cfg = copy.deepcopy(cfg)
+    source = CheckpointSource(tag_dir)
+    meta, cfg = source.meta, copy.deepcopy(source.cfg)
     _check_tp(cfg, tp)
     _resolve(cfg, tp, pp)
-    shards = wio.reshard(full, cfg, tp, pp, blocks_per_stage)
+    bps = _blocks_per_stage(cfg, pp, blocks_per_stage)
     root = _ckpt_root(tag_dir)
     os.makedirs(out, exist_ok=True)
     for sub in ("tokenizer", "hf"):
@@ -210,10 +235,9 @@ def reshard_checkpoint(ckpt: str, out: str, tp: int, pp: int, tag: Optional[str]
             if sub == "tokenizer" and cfg.data.tokenizer and os.path.abspath(cfg.data.tokenizer) == os.path.abspath(src):
                 cfg.data.tokenizer = os.path.abspath(os.path.join(out, sub))
     new_meta = {k: v for k, v in meta.items() if k not in ("tensor", "pipeline", "blocks_per_stage", "format")}
-    new_meta["blocks_per_stage"] = list(blocks_per_stage) if blocks_per_stage else \
-        wio.default_blocks_per_stage(cfg.model.num_layers, pp)
+    new_meta["blocks_per_stage"] = bps
     new_meta["resharded_from"] = {"tensor": meta["tensor"], "pipeline": meta["pipeline"]}
-    new_dir = wio.write_checkpoint(out, os.path.basename(os.path.normpath(tag_dir)), cfg, shards, new_meta)
+    new_dir = _write_streamed(out, os.path.basename(os.path.normpath(tag_dir)), cfg, source, tp, pp, bps, new_meta)
     if os.path.isfile(os.path.join(root, "model.yaml")) or os.path.isdir(os.path.join(root, "hf")):
         write_model_yaml(cfg, os.path.join(out, "model.yaml"))
     return new_dir

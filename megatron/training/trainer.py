@@ -17,7 +17,8 @@ from megatron.objectives import (build_objective, get_objective_class, kto_class
 from megatron.objectives.aggregation import GLOBAL_COUNTS, global_counts
 
 from megatron.checkpoint import checkpointing as ckpt
-from megatron.engines.build import build_policy, build_reference, device_for_rank, param_groups, starting_point
+from megatron.engines.build import (build_policy, build_reference, device_for_rank, param_groups,
+                                   skip_single_replica_allreduce, starting_point)
 from megatron.engines.deepspeed_config import build_deepspeed_config
 from megatron.engines.forward import batch_to, forward_stats, reference_stats
 from megatron.engines.grad_norm import global_grad_norm
@@ -26,7 +27,7 @@ from megatron.engines.precompute import ensure_reference_logps, reference_source
 from megatron.engines.schedules import lambda_lr_factory
 from megatron.mpu.distributed import init_distributed
 
-from .memory_report import memory_report, write_memory_report
+from .memory_report import memory_report, report_measured_memory, start_memory_measurement, write_memory_report
 from .metrics import MetricsLogger
 from .summary import print_run_summary
 
@@ -163,6 +164,7 @@ def run_training(cfg: Config, hooks: Optional[Hooks] = None) -> TrainResult:
     memory = memory_report(cfg)  # on every rank, so a config error stops all ranks alike
     if ps.rank == 0:  # printed once, and written to <logging.dir>/memory.json
         write_memory_report(cfg, memory)
+    memory_start = start_memory_measurement()  # this rank's memory before the model; the peak is reported at the end
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     tok_vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
@@ -185,6 +187,7 @@ def run_training(cfg: Config, hooks: Optional[Hooks] = None) -> TrainResult:
         engine, _opt, _, _sched = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optimizer.weight_decay), config=ds_cfg,
             lr_scheduler=lambda_lr_factory(cfg.optimizer, total_iters), mpu=ps)
+        skip_single_replica_allreduce(engine, cfg, ps)
 
     state = ckpt.TrainState()
     if full_resume:
@@ -214,8 +217,7 @@ def run_training(cfg: Config, hooks: Optional[Hooks] = None) -> TrainResult:
         if not cfg.checkpoint.save:
             return
         commit = (lambda: hooks.before_commit(state.step)) if hooks.before_commit else None
-        ckpt.save_checkpoint(cfg, ps, engine, state,
-                             weights_fn=lambda: ckpt.canonical_state_dict(engine.module, cfg.parallel.zero_stage),
+        ckpt.save_checkpoint(cfg, ps, engine, state,  # weights streamed from engine.module, one tensor at a time
                              extra_meta={"init_from": init_from}, before_commit=commit)
         logger.message(f"saved checkpoint step {state.step} to {cfg.checkpoint.save}")
 
@@ -269,6 +271,7 @@ def run_training(cfg: Config, hooks: Optional[Hooks] = None) -> TrainResult:
             stop.restore()
         logger.close()
     result.step = state.step
+    report_measured_memory(cfg, memory, ps, memory_start)  # collective: measured peaks beside the estimate
     if ps.rank == 0:
         print_run_summary(cfg, state.step, result.stopped_by_signal)
     return result

@@ -218,3 +218,162 @@ def test_error_unexpected_key(tmp_path):
     wio.write_shard(path, sd)
     with pytest.raises(wio.CheckpointError, match="unexpected keys.*blocks.0.bogus"):
         wio.read_weights(str(tmp_path / "ck"))
+
+
+# ------------------------------------------------------------------------ slice-by-slice reads (issue 11)
+from megatron.checkpoint.sharded_read import CheckpointSource  # noqa: E402
+from megatron.checkpoint.tensor_files import SafetensorsWriter, TensorFile  # noqa: E402
+from megatron.config.derive import pad_vocab  # noqa: E402
+
+SLICE_VARIANTS = {  # vocab 300: padded 384 at tensor 1, 512 at tensors 2 and 4; 8 query / 4 key-value heads
+    "llama_gqa": dict(vocab_size=300, num_layers=4, num_attention_heads=8, num_kv_heads=4),
+    "neox": dict(VARIANTS["neox"], vocab_size=300, num_layers=4, num_attention_heads=8, num_kv_heads=8),
+    "qwen_tied": dict(VARIANTS["qwen_tied"], vocab_size=300, num_layers=4, num_attention_heads=8, num_kv_heads=4),
+    "reward": dict(VARIANTS["reward"], vocab_size=300, num_layers=4, num_attention_heads=8, num_kv_heads=4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SLICE_VARIANTS))
+@pytest.mark.parametrize("saved", [(1, 1), (2, 2), (4, 3)])
+def test_shard_read_equals_split_of_full(tmp_path, name, saved):
+    """Every rank's shard read slice by slice from a checkpoint of any layout equals split_tp of the full model."""
+    model = SLICE_VARIANTS[name]
+    full = _model_state(_cfg(1, **model), 0, 1)
+    cfg_s = _cfg(saved[0], saved[1], **model)
+    wio.write_checkpoint(str(tmp_path), "t", cfg_s, wio.reshard(full, cfg_s, *saved), {})
+    with CheckpointSource(str(tmp_path)) as src:
+        for tp in (1, 2, 4):
+            cfg_t = _cfg(tp, **model)
+            want = wio.split_tp(full, cfg_t, tp)
+            for r in range(tp):
+                for key in full:
+                    got = src.read_shard(key, cfg_t, tp, r)
+                    assert torch.equal(got, want[r][key]), (name, saved, tp, r, key)
+                    into = torch.full_like(want[r][key], float("nan"))  # straight into a parameter's memory
+                    src.read_shard_into(key, cfg_t, tp, r, into)
+                    assert torch.equal(into, want[r][key]), (name, saved, tp, r, key)
+
+
+def _nbytes(shape) -> int:
+    n = 4
+    for d in shape:
+        n *= d
+    return n
+
+
+def _stage_keys(cfg, tp, pp, p):
+    bps = wio.default_blocks_per_stage(cfg.model.num_layers, pp)
+    return [k for k in wio.canonical_shapes(cfg, tp) if p in wio.stages_of_key(k, bps, False)]
+
+
+def test_tp2_pp2_checkpoint_read_on_tensor_1_and_reverse_touches_only_needed_bytes(tmp_path):
+    """Loading a tensor 2 x pipeline 2 checkpoint at tensor 1 reads each byte of the model once; a stage of
+    tensor 1 x pipeline 2 opens only its stage's files; a rank of tensor 2 x pipeline 2 loading a tensor 1
+    checkpoint reads exactly its own quarter (vocabulary padding rows past the saved ones are not read)."""
+    model = dict(vocab_size=300, num_layers=4)
+    cfg1, cfg2 = _cfg(1, **model), _cfg(2, 2, **model)
+    full = _model_state(cfg1, 0, 1)
+    model_bytes = sum(_nbytes(s) for s in wio.canonical_shapes(cfg1, 1).values())
+    wio.write_checkpoint(str(tmp_path / "tp2pp2"), "t", cfg2, wio.reshard(full, cfg2, 2, 2), {})
+    wio.write_checkpoint(str(tmp_path / "tp1"), "t", cfg1, wio.reshard(full, cfg1, 1, 1), {})
+
+    with CheckpointSource(str(tmp_path / "tp2pp2")) as src:  # tensor 1, pipeline 1: the whole model, once
+        got = {k: src.read_shard(k, cfg1, 1, 0) for k in full}
+        assert all(torch.equal(got[k], full[k]) for k in full)
+        assert src.bytes_read == model_bytes and src.files_opened() == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    with CheckpointSource(str(tmp_path / "tp2pp2")) as src:  # tensor 1 x pipeline 2, stage 1: its files only
+        keys = _stage_keys(cfg1, 1, 2, 1)
+        for k in keys:
+            assert torch.equal(src.read_shard(k, cfg1, 1, 0), full[k])
+        assert src.files_opened() == [(0, 1), (1, 1)]
+        assert src.bytes_read == sum(_nbytes(wio.canonical_shapes(cfg1, 1)[k]) for k in keys)
+
+    h, vt = 64, pad_vocab(300, 2) // 2  # 256 vocabulary rows per rank at tensor 2; the tensor-1 file has 384
+    for t, p in [(0, 0), (1, 0), (0, 1), (1, 1)]:  # the reverse: each rank of tensor 2 x pipeline 2
+        keys = _stage_keys(cfg2, 2, 2, p)
+        shapes = wio.canonical_shapes(cfg2, 2)
+        with CheckpointSource(str(tmp_path / "tp1")) as src:
+            want = wio.split_tp(full, cfg2, 2)[t]
+            for k in keys:
+                assert torch.equal(src.read_shard(k, cfg2, 2, t), want[k])
+            zero_rows = max(0, (t + 1) * vt - max(t * vt, pad_vocab(300, 1)))
+            vocab_keys = [k for k in keys if k in wio.VOCAB_KEYS]
+            expected = sum(_nbytes(shapes[k]) for k in keys) - len(vocab_keys) * zero_rows * h * 4
+            assert src.bytes_read == expected, (t, p)
+            assert 0.2 < expected / model_bytes < 0.3  # about a quarter of the model
+
+
+def test_legacy_pt_shards_still_read(tmp_path):
+    cfg = _cfg(2, **dict(vocab_size=300))
+    full = _model_state(_cfg(1, vocab_size=300), 0, 1)
+    tag = tmp_path / "ck" / "old"
+    wio.write_checkpoint(str(tmp_path / "ck"), "old", cfg, wio.reshard(full, cfg, 2, 1), {})
+    for t in range(2):  # rewrite as the torch .pt files checkpoints held before safetensors
+        path = tag / "weights" / f"tp{t:02d}_pp00.safetensors"
+        torch.save(wio.load_shard(str(path)), str(path)[:-len(".safetensors")] + ".pt")
+        path.unlink()
+    back, _, _ = wio.read_weights(str(tmp_path / "ck"))
+    assert all(torch.equal(back[k], full[k]) for k in full)
+    with CheckpointSource(str(tag)) as src:
+        want = wio.split_tp(full, _cfg(1, vocab_size=300), 1)[0]
+        for key in ("blocks.1.mlp.fc2.weight", "embedding.word_embeddings.weight"):
+            assert torch.equal(src.read_shard(key, _cfg(1, vocab_size=300), 1, 0), want[key])
+            into = torch.empty_like(want[key])
+            src.read_shard_into(key, _cfg(1, vocab_size=300), 1, 0, into)
+            assert torch.equal(into, want[key])
+
+
+def test_tensor_files_match_the_safetensors_library(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    sd = {"w": torch.randn(6, 10), "b16": torch.randn(5, 3).bfloat16(), "i": torch.arange(4), "s": torch.tensor(2.5)}
+    save_file(sd, str(tmp_path / "lib.safetensors"))
+    with TensorFile(str(tmp_path / "lib.safetensors")) as f:
+        assert all(torch.equal(f.read(k), v) for k, v in sd.items())
+        assert torch.equal(f.read("w", 1, 3, 7), sd["w"][:, 3:7]) and torch.equal(f.read("b16", 0, 1, 4), sd["b16"][1:4])
+        before = f.bytes_read
+        f.read("w", 1, 2, 5)
+        assert f.bytes_read - before == 6 * 3 * 4  # the wanted columns only
+    specs = [(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
+    with SafetensorsWriter(str(tmp_path / "ours.safetensors"), reversed(specs), {"format": "pt"}) as w:
+        for k, v in sd.items():  # any order
+            w.write(k, v)
+    back = load_file(str(tmp_path / "ours.safetensors"))
+    assert set(back) == set(sd) and all(torch.equal(back[k], v) for k, v in sd.items())
+    w = SafetensorsWriter(str(tmp_path / "short.safetensors"), specs)
+    w.write("w", sd["w"])
+    with pytest.raises(RuntimeError, match="never written.*b16"):
+        w.close()
+    with pytest.raises(ValueError, match="header says"):
+        SafetensorsWriter(str(tmp_path / "x.safetensors"), specs).write("w", torch.zeros(2))
+
+
+def test_truncated_safetensors_shard_is_a_clear_error(tmp_path):
+    cfg = _cfg(1)
+    wio.write_checkpoint(str(tmp_path), "t", cfg, {(0, 0): _model_state(cfg, 0, 1)}, {})
+    path = tmp_path / "t" / "weights" / "tp00_pp00.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(wio.CheckpointError, match=r"tp00_pp00\.safetensors.*truncated"):
+        wio.read_weights(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------ deferred initialisation
+def test_deferred_build_loads_the_same_model_and_seeds_a_fresh_value_head(tmp_path):
+    """build_policy with weights builds on the meta device (no init), then equals the model it loaded; a value
+    head the checkpoint lacks gets exactly GPTModel's seeded initialisation."""
+    from megatron.engines.build import build_policy
+
+    sft = _cfg(1)
+    torch.manual_seed(3)
+    trained = GPTModel(sft, ParallelState.single())
+    wio.write_checkpoint(str(tmp_path), "t", sft, {(0, 0): trained.state_dict()}, {})
+    loaded = build_policy(sft, ParallelState.single(), str(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trained.state_dict().values()))
+
+    rm = _cfg(1, value_head=True)
+    torch.manual_seed(rm.train.seed)
+    seeded = GPTModel(rm, ParallelState.single(), layer_seed=rm.train.seed)  # what a fresh RM starts from
+    model = build_policy(rm, ParallelState.single(), str(tmp_path))
+    assert torch.equal(model.value_head.weight, seeded.value_head.weight)
+    assert torch.equal(model.value_head.bias, seeded.value_head.bias)
+    assert torch.equal(model.blocks[1].mlp.fc2.weight, trained.blocks[1].mlp.fc2.weight)
