@@ -23,11 +23,11 @@ import os
 from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from megatron.config import ConfigError
 from megatron.data.errors import RecordProblem
+from megatron.data.records import IDS
 
 from .judge import JudgeTemplate
 from .scoring import Unit, UnitScore, unit_texts
@@ -84,38 +84,41 @@ def _encoder(mcfg, tokenizer):
 def reward_model_scores(model, mcfg, ps, tokenizer, units: Sequence[Unit], batch_size: int) -> List[UnitScore]:
     """The value-head score (at the last token of prompt + response + EOS) of every unit, in order.
 
-    Units that cannot be encoded (empty response, prompt longer than max_seq_len - 1, ...) get None with the
-    data reason code; responses cut to max_seq_len are scored and flagged `truncated`.
+    Token ids: the reward model's training encoding (megatron.data.encode with its saved data settings), so the
+    score is read where training read it; an empty response is prompt + EOS (`ModelReward.sequence`, as the
+    online loop scores it). Units that still cannot be encoded (a prompt longer than max_seq_len - 1, ...) get
+    None with the data reason code; responses cut to max_seq_len are scored and flagged `truncated`. The packed
+    forward is the online loop's reward source (`megatron.rewards.model.ModelReward.score_ids`), run on a plain
+    replica (ZeRO-3 weights gathered once), so ranks may score different numbers of units.
     """
-    from megatron.data.collate import collate
-    from megatron.data.dataset import Example, SequenceData
-    from megatron.engines.forward import batch_to, forward_stats
+    from megatron.data.chat_template import resolve_chat_template
+    from megatron.data.errors import EMPTY_RESPONSE
     from megatron.generation.replica import generation_model
+    from megatron.rewards.model import ModelReward
 
     encoder = _encoder(mcfg, tokenizer)
+    template = resolve_chat_template(mcfg.data.chat_template, tokenizer.chat_template)
     out: List[Optional[UnitScore]] = [None] * len(units)
-    ready: List[Tuple[int, List[int], int, bool]] = []  # (unit position, ids, prompt_len, truncated)
+    ready: List[Tuple[int, List[int], bool]] = []  # (unit position, ids, truncated)
     for k, unit in enumerate(units):
         if unit.problem is not None:
             out[k] = UnitScore(None, unit.problem.reason)
             continue
         try:
             enc = encoder.encode(unit.normal)
+            ready.append((k, enc.sequences[0].ids, enc.truncated))
         except RecordProblem as problem:
-            out[k] = UnitScore(None, problem.reason)
-            continue
-        seq = enc.sequences[0]
-        ready.append((k, seq.ids, seq.prompt_len, enc.truncated))
+            if problem.reason == EMPTY_RESPONSE and unit.normal.mode != IDS:
+                ids = ModelReward(None, mcfg, ps, tokenizer, template).sequence(unit.normal.prompt, "")
+                ready.append((k, ids, False))
+            else:
+                out[k] = UnitScore(None, problem.reason)
+    rm_cfg = copy.deepcopy(mcfg)
+    rm_cfg.train.micro_batch_size = batch_size  # sequences per packed forward
     with generation_model(model, mcfg, ps) as module:
-        device = next(module.parameters()).device
-        for start in range(0, len(ready), batch_size):
-            chunk = ready[start:start + batch_size]
-            examples = [Example(j, "sft", [SequenceData(np.asarray(ids, dtype=np.int64), plen, j)])
-                        for j, (_, ids, plen, _) in enumerate(chunk)]
-            batch = batch_to(collate(examples, pack=True, max_seq_len=mcfg.model.max_seq_len), device)
-            scores = forward_stats(module, batch, ps, value_head=True).scores.double().cpu().tolist()
-            for (k, _, _, cut), s in zip(chunk, scores):
-                out[k] = UnitScore(s, None, truncated=cut) if math.isfinite(s) else UnitScore(None, "non_finite")
+        scores = ModelReward(module, rm_cfg, ps, tokenizer, template).score_ids([ids for _, ids, _ in ready]).tolist()
+    for (k, _, cut), s in zip(ready, scores):
+        out[k] = UnitScore(s, None, truncated=cut) if math.isfinite(s) else UnitScore(None, "non_finite")
     return out  # type: ignore[return-value]
 
 

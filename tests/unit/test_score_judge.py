@@ -1,7 +1,8 @@
 """tools/score.py and megatron/frontier/{judge,scoring,score_model}.py: judge grades parsed by the template's regex
 with every unparseable answer counted (crafted answers and answers of a real judge model through the generation
 engine), the units of the completions and pair layouts, and reward-model scores equal to a plain one-sequence
-forward of the same model (the tokens a training record would give: BOS, chat template, EOS)."""
+forward of the same model (the tokens a training record would give: BOS, chat template, EOS; an empty response
+is prompt + EOS)."""
 from __future__ import annotations
 
 import json
@@ -164,10 +165,8 @@ def test_reward_model_scores_equal_plain_forward(models, capsys):
     _score(root, "rm", [f"score.input={inp}", f"score.output={root / 'rm_out.jsonl'}", f"score.model={path}",
                         "score.batch_size=2"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert (summary["responses"], summary["scored"], summary["unscored"]) == (6, 5, 1)
+    assert (summary["responses"], summary["scored"], summary["unscored"]) == (6, 6, 0)
     out = _read(root / "rm_out.jsonl")
-    report = json.loads((root / "rm_out.jsonl.report.json").read_text())
-    assert report["unscored"]["counts"] == {"empty_response": 1}
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
 
@@ -183,12 +182,12 @@ def test_reward_model_scores_equal_plain_forward(models, capsys):
     chat_ids = tok.apply_chat_template(chat + [{"role": "assistant", "content": "9 8 7"}], tokenize=False)
     chat_ids = tok(chat_ids, add_special_tokens=False)["input_ids"]  # the template writes BOS and ends with EOS
     want = [plain(text_ids("count up from 3:", " 3 4 5")), plain(text_ids("count up from 3:", " 3 5 4 9 9")),
-            None, plain(chat_ids), plain(text_ids("count up from 3:", " 7"))]
+            plain(text_ids("count up from 3:", "")),  # an empty response: prompt + EOS, as the online loop scores it
+            plain(chat_ids), plain(text_ids("count up from 3:", " 7"))]
     got = [c["score"] for c in out[0]["completions"]] + [out[1]["completions"][0]["score"], out[2]["score_rejected"]]
-    for g, w in zip(got, want):
-        assert (g is None and w is None) or g == pytest.approx(w, abs=1e-4)
+    assert got == pytest.approx(want, abs=1e-4)
     assert out[2]["score_chosen"] == pytest.approx(got[0], abs=1e-5)  # the same text scores the same as a pair
-    assert len({round(x, 3) for x in got if x is not None}) == 4  # the scores really depend on the text
+    assert len({round(x, 3) for x in got}) == 5  # the scores really depend on the text
 
 
 def _judge_run(models, capsys, tmp_path):
