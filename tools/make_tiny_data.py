@@ -16,6 +16,10 @@ Files:
   unpaired.jsonl / unpaired_valid.jsonl  prompt/completion/label (label = completion is right; half are)
   sft_chat.jsonl                         messages (system/user/assistant, some multi-turn)
   pairwise_chat.jsonl                    chosen/rejected full conversations (implicit prompt)
+  prompts.jsonl / prompts_heldout.jsonl  prompt/answer (prompts for generation: the frontier loop, online RL;
+                                         drawn from their own seed after the tokenizer, so adding them changed
+                                         nothing else)
+  eval/tiny_mc.jsonl                     prompt/choices/label: a multiple-choice task for tools/evaluate.py
   tokenizer/                             byte-level BPE (512 ids), <|pad|> <|bos|> <|eos|> <|im_start|>
                                          <|im_end|>, BOS added by the tokenizer, chatml-like template
 The tokenizer is kept when it exists (its ids are in every cache and checkpoint made with it); it is
@@ -137,6 +141,27 @@ def pairwise_chat_records(rng: random.Random, n: int) -> List[Dict]:
     return out
 
 
+def prompt_records(rng: random.Random, n: int) -> List[Dict]:
+    """`n` prompt/answer records (prompts to generate from; `answer` for exact-match rewards)."""
+    return [dict(prompt=p, answer=" ".join(w)) for p, w in (make_task(rng) for _ in range(n))]
+
+
+def multiple_choice_records(rng: random.Random, n: int) -> List[Dict]:
+    """`n` prompt/choices/label records: the correct answer among three distinct corruptions, shuffled
+    (lm-evaluation-harness task data/tiny/eval/tiny_mc.yaml)."""
+    out = []
+    for _ in range(n):
+        p, w = make_task(rng)
+        choices = [answer(w)]
+        while len(choices) < 4:
+            c = answer(corrupt(rng, w))
+            if c not in choices:
+                choices.append(c)
+        rng.shuffle(choices)
+        out.append(dict(prompt=p, choices=choices, label=choices.index(answer(w))))
+    return out
+
+
 def write_jsonl(path: str, records: List[Dict]) -> None:
     """One JSON object per line."""
     with open(path, "w", encoding="utf-8") as fh:
@@ -199,6 +224,11 @@ def main() -> None:
     tok_dir = os.path.join(args.out, "tokenizer")
     if args.retrain_tokenizer or not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
         train_tokenizer(texts, tok_dir)
+    prompt_rng = random.Random(args.seed + 1000)  # its own stream: the files above stay as they were
+    write_jsonl(os.path.join(args.out, "prompts.jsonl"), prompt_records(prompt_rng, 128))
+    write_jsonl(os.path.join(args.out, "prompts_heldout.jsonl"), prompt_records(prompt_rng, 32))
+    os.makedirs(os.path.join(args.out, "eval"), exist_ok=True)  # next to its task file eval/tiny_mc.yaml
+    write_jsonl(os.path.join(args.out, "eval", "tiny_mc.jsonl"), multiple_choice_records(prompt_rng, 40))
     for name in sorted(os.listdir(args.out)):
         path = os.path.join(args.out, name)
         if os.path.isfile(path):
