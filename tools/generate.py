@@ -17,7 +17,6 @@ kept in the output with `skipped`), output. Exit code 0 on success, 2 on a confi
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -26,8 +25,6 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-
-from megatron.config.load import add_set_argument  # noqa: E402 (after the path set-up)
 
 
 def _model_source(cfg, workdir: str):
@@ -155,32 +152,10 @@ def run(cfg) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("configs", nargs="+", help="YAML files, later ones override earlier ones")
-    add_set_argument(p)
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-
-    from megatron.checkpoint.checkpointing import CheckpointError
-    from megatron.config import ConfigError
-    from megatron.engines.run_config import load_run_config
     from megatron.interop.hf_config import ConversionError
-    from megatron.mpu.distributed import shutdown_distributed, world_size_from_env
-    from megatron.training.launcher import ensure_master_port
+    from megatron.training.worker_main import run_worker
 
-    ensure_master_port()  # a lone process gets a free port (two single-process runs never collide)
-    try:
-        _check_unpipelined(load_run_config(args.configs, args.overrides, validate=False))
-        cfg = load_run_config(args.configs, args.overrides, world_size=world_size_from_env())
-        summary = run(cfg)
-    except (ConfigError, CheckpointError, ConversionError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown_distributed()
-    if summary:
-        print(json.dumps(summary), flush=True)
-    return 0
+    return run_worker(__doc__, run, argv, errors=(ConversionError,), precheck=_check_unpipelined)
 
 
 if __name__ == "__main__":

@@ -21,43 +21,17 @@ bad_records, mean, output, report. Exit code 0, or 2 with a one-line error for a
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from megatron.config.load import add_set_argument  # noqa: E402 (after the path set-up)
-
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("configs", nargs="+", help="YAML files, later ones override earlier ones")
-    add_set_argument(p)
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-
-    from megatron.checkpoint.checkpointing import CheckpointError
-    from megatron.config import ConfigError
-    from megatron.engines.run_config import load_run_config
     from megatron.frontier.score_run import run_score
-    from megatron.mpu.distributed import shutdown_distributed, world_size_from_env
+    from megatron.training.worker_main import run_worker
 
-    if world_size_from_env() == 1 and "MASTER_PORT" not in os.environ:
-        from megatron.training.launcher import free_port
-        os.environ["MASTER_PORT"] = str(free_port())  # a lone process must not collide with a run on 29500
-    try:
-        cfg = load_run_config(args.configs, args.overrides, world_size=world_size_from_env())
-        summary = run_score(cfg)
-    except (ConfigError, CheckpointError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown_distributed()
-    if summary:
-        print(json.dumps(summary), flush=True)
-    return 0
+    return run_worker(__doc__, run_score, argv, errors=(OSError,))
 
 
 if __name__ == "__main__":
