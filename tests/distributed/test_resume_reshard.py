@@ -66,3 +66,12 @@ def test_resume_tensor_2_to_1_and_back(tmp_path, capfd):
     tag = tmp_path / "ck_a" / "step_0000002"
     for sub in ("weights", "optimizer/exp_avg", "optimizer/exp_avg_sq"):
         assert sorted(os.listdir(tag / sub)) == ["tp00_pp00.safetensors", "tp01_pp00.safetensors"], sub
+
+
+@pytest.mark.slow
+def test_resume_pipeline_2_to_1_and_back(tmp_path, capfd):
+    """Tied embeddings: the pipeline's last stage holds a copy of the embedding (and of its Adam state)."""
+    pp2 = ["parallel.pipeline=2", "model.tie_embeddings=true"]
+    printed_b, printed_c = _chain(tmp_path, (2, pp2), (1, ["model.tie_embeddings=true"]), (2, pp2), capfd)
+    assert "re-sharded: pipeline 2 -> 1" in printed_b
+    assert "re-sharded: pipeline 1 -> 2" in printed_c
