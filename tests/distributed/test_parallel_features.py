@@ -196,7 +196,11 @@ def test_trainer_writes_memory_report(losses):
     from megatron.training.memory_report import memory_report
 
     single, _ = losses
-    written = single["memory.json"]
+    written = dict(single["memory.json"])
+    measured = written.pop("measured")  # added at the end of the run: each rank's measured peak beside its estimate
+    assert [r["rank"] for r in measured["ranks"]] == [0] and measured["kind"] == "cpu_peak_rss"
+    assert measured["ranks"][0]["peak_bytes"] > measured["ranks"][0]["start_bytes"] > 0
+    assert measured["ranks"][0]["estimate_bytes"] == written["ranks"][0]["total_bytes"]
     assert written["stages"][0]["param_bytes"] == 4 * PARAMS
     from megatron.testing.configs import tiny_test_config
     assert written == json.loads(json.dumps(memory_report(tiny_test_config("/tmp/unused", "sft", 1, BASE))))
