@@ -31,7 +31,7 @@ class SelfAttention(nn.Module):
         self.num_heads = divide(m.num_attention_heads, ps.tp_size, "model.num_attention_heads")
         self.num_kv_heads = divide(d.num_kv_heads, ps.tp_size, "num_kv_heads")
         self.head_dim = hd
-        plan = resolve_kernels(m)  # the kernel registry: attention backend and rotary implementation
+        plan = resolve_kernels(cfg)  # the kernel registry: attention backend and rotary implementation
         self.backend = plan.attention
         self._rotate = rotary_kernel(plan.rotary)
         sp = sequence_parallel_group(cfg, ps) is not None

@@ -133,7 +133,7 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
         o = F.scaled_dot_product_attention(qi.transpose(0, 1)[None], ki.transpose(0, 1)[None],
                                            vi.transpose(0, 1)[None], is_causal=True, scale=scale,
                                            enable_gqa=nq != nkv)  # [1, nq, n, hd]
-        outs.append(o[0].transpose(0, 1))
+        outs.append(o.squeeze(0).transpose(0, 1))  # squeeze, not o[0]: a select's backward zero-fills
     return torch.cat(outs).view(B, S, nq, outs[0].shape[-1])
 
 

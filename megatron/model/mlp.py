@@ -31,7 +31,7 @@ class MLP(nn.Module):
                                         chunks=[ffn, ffn] if self.swiglu else None)
         self.fc2 = RowParallelLinear(ffn, m.hidden_size, ps, bias=m.linear_bias, input_is_parallel=True,
                                      init_method=init_method(cfg), sequence_parallel=sp)
-        self.kernel = resolve_kernels(m).mlp
+        self.kernel = resolve_kernels(cfg).mlp
         self._act = activation_kernel(self.swiglu, self.kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

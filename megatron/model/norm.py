@@ -110,4 +110,4 @@ def build_norm(cfg, sp_group: Any = None) -> Norm:
     """The norm chosen by `cfg.model.norm` with eps `cfg.model.norm_eps` over `cfg.model.hidden_size`, implemented
     as the kernel registry says; `sp_group`: the TP group when sequence parallelism is on, else None."""
     m = cfg.model
-    return Norm(m.hidden_size, m.norm, m.norm_eps, sp_group, kernel=resolve_kernels(m).norm)
+    return Norm(m.hidden_size, m.norm, m.norm_eps, sp_group, kernel=resolve_kernels(cfg).norm)

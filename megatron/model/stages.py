@@ -46,7 +46,7 @@ class EmbeddingStage(nn.Module):
         self.word_embeddings = VocabParallelEmbedding(cfg.derived.padded_vocab_size, cfg.model.hidden_size, ps,
                                                       init_method=init_method(cfg),
                                                       sequence_parallel=self.sp_group is not None)
-        self.ps, self.vocab_size, self.head_kernel = ps, cfg.model.vocab_size, resolve_kernels(cfg.model).head
+        self.ps, self.vocab_size, self.head_kernel = ps, cfg.model.vocab_size, resolve_kernels(cfg).head
 
     def forward(self, inputs: Hidden) -> Hidden:
         """(ids, pos, seg) -> (h [B, S(/tp), H], pos, seg)."""
@@ -83,7 +83,7 @@ class FinalNormStage(Norm):
     def __init__(self, cfg, ps: ParallelState):
         m = cfg.model
         super().__init__(m.hidden_size, m.norm, m.norm_eps, sequence_parallel_group(cfg, ps),
-                         kernel=resolve_kernels(m).norm)
+                         kernel=resolve_kernels(cfg).norm)
 
     def forward(self, inputs: Hidden) -> Hidden:  # type: ignore[override]
         """(h [B, S(/tp), H], pos, seg) -> (normalised h, pos, seg)."""
@@ -101,7 +101,7 @@ class LMHeadStage(ColumnParallelLinear):
     def __init__(self, cfg, ps: ParallelState):
         super().__init__(cfg.model.hidden_size, cfg.derived.padded_vocab_size, ps, bias=False, gather_output=False,
                          init_method=init_method(cfg), sequence_parallel=sequence_parallel_group(cfg, ps) is not None)
-        self.ps, self.vocab_size, self.head_kernel = ps, cfg.model.vocab_size, resolve_kernels(cfg.model).head
+        self.ps, self.vocab_size, self.head_kernel = ps, cfg.model.vocab_size, resolve_kernels(cfg).head
         self.sp_group = ps.tp_group if self.sequence_parallel else None
 
     def forward(self, inputs: Hidden, targets=None, index=None, with_entropy: bool = False):  # type: ignore[override]

@@ -12,8 +12,10 @@ Ops and their implementations (every fast path has the plain-torch `eager` twin 
                chunks with a custom backward, megatron.mpu.fused_logprobs)
 
 `model.kernels` picks a preset for all ops: `eager` (the twins), `fused` (every fast path that needs no
-compiler) or `auto` (the fastest tested on this machine: today the same as `fused`; `compiled` is opt-in
-because on CPU its compile time outweighs what it saves in a short run, see docs/benchmarks.md).
+compiler) or `auto` (the fastest measured on CPU, docs/benchmarks.md): `fused`, except the head, which is fused
+only from AUTO_FUSED_HEAD_MIN_VOCAB vocabulary columns per rank (below that the logits are small and the fused
+head's recomputed GEMM costs more than it saves). `compiled` is opt-in: on CPU its compile time outweighs
+what it saves in a short run.
 `model.kernel_ops.<op>` overrides one op (`auto` = follow the preset); `model.attention` overrides attention.
 GPU-only extras (Liger, apex, fused CUDA norms) are not included: nothing here imports a CUDA-only package.
 """
@@ -34,7 +36,10 @@ _PRESETS: Dict[str, Dict[str, str]] = {
     "eager": {"norm": "eager", "rotary": "eager", "mlp": "eager", "attention": "eager", "head": "eager"},
     "fused": {"norm": "fused", "rotary": "fused", "mlp": "fused", "attention": "auto", "head": "fused"},
 }
-_PRESETS["auto"] = dict(_PRESETS["fused"])  # measured fastest on CPU (docs/benchmarks.md)
+_PRESETS["auto"] = dict(_PRESETS["fused"])  # measured fastest on CPU (docs/benchmarks.md), head: see below
+# `auto` fuses the head from this many vocabulary columns per TP rank (CPU, hidden 256: eager faster at 512
+# and 4096 columns, even at 8192, fused faster at 32000; docs/benchmarks.md)
+AUTO_FUSED_HEAD_MIN_VOCAB = 8192
 
 
 @dataclass(frozen=True)
@@ -47,16 +52,19 @@ class KernelPlan:
     head: str
 
 
-def resolve_kernels(model_cfg) -> KernelPlan:
-    """The KernelPlan of `cfg.model`: its `kernels` preset, then `kernel_ops` overrides, then `attention`.
-
-    Pure function of the config (every module calls it at build time and gets the same answer); raises
-    ValueError naming the key for an unknown value.
+def resolve_kernels(cfg) -> KernelPlan:
+    """The KernelPlan of a Config: `model.kernels` preset, then `model.kernel_ops` overrides, then
+    `model.attention`. Pure function of the config (every module calls it at build time and gets the same
+    answer); raises ValueError naming the key for an unknown value.
     """
+    model_cfg = cfg.model
     preset = model_cfg.kernels
     if preset not in KERNEL_PRESETS:
         raise ValueError(f"model.kernels={preset!r} is not one of {', '.join(KERNEL_PRESETS)}")
     plan = dict(_PRESETS[preset])
+    if preset == "auto":
+        per_rank = cfg.derived.padded_vocab_size // max(cfg.parallel.tensor, 1)
+        plan["head"] = "fused" if per_rank >= AUTO_FUSED_HEAD_MIN_VOCAB else "eager"
     for op, value in asdict(model_cfg.kernel_ops).items():
         if value == "auto":
             continue
@@ -71,10 +79,11 @@ def resolve_kernels(model_cfg) -> KernelPlan:
 _ATTENTION_NOTE = {"auto": "auto: flash-attn where usable (CUDA fp16/bf16, installed), else segments"}
 
 
-def describe_kernels(model_cfg) -> str:
-    """One start-up line naming each op's implementation, e.g.
+def describe_kernels(cfg) -> str:
+    """One start-up line naming each op's implementation (for the trainer to print), e.g.
     `kernels (model.kernels=auto): norm=fused rotary=fused mlp=fused attention=auto (...) head=fused`."""
-    plan = resolve_kernels(model_cfg)
+    model_cfg = cfg.model
+    plan = resolve_kernels(cfg)
     parts = []
     for op, value in asdict(plan).items():
         note = _ATTENTION_NOTE.get(value) if op == "attention" else None
@@ -82,5 +91,7 @@ def describe_kernels(model_cfg) -> str:
             note = "layernorm: torch's native kernel"
         if op == "mlp" and model_cfg.activation == "gelu" and value == "fused":
             note = "gelu: torch's native kernel"
+        if op == "head" and model_cfg.kernels == "auto" and model_cfg.kernel_ops.head == "auto":
+            note = f"auto: fused from {AUTO_FUSED_HEAD_MIN_VOCAB} vocabulary columns per rank"
         parts.append(f"{op}={value}" + (f" ({note})" if note else ""))
     return f"kernels (model.kernels={model_cfg.kernels}): " + " ".join(parts)
