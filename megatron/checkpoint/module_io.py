@@ -79,14 +79,12 @@ def set_param(p: nn.Parameter, value: torch.Tensor) -> None:
             p.data.copy_(value)
 
 
-def load_from_source(module: nn.Module, source, cfg: Config, ps, where: str,
-                     on_param=None) -> List[str]:
+def load_from_source(module: nn.Module, source, cfg: Config, ps, where: str) -> List[str]:
     """Load every parameter of `module` with this rank's shard read from `source` (a CheckpointSource).
 
     A value head the checkpoint lacks keeps its current values (returned: the caller decides what they are);
     any other missing tensor, or a shape mismatch, raises CheckpointError naming `where` and the tensor. Reads
-    one tensor at a time; `on_param(key, p, value)` runs after each parameter is set (the optimizer's fp32
-    master copy is updated there on resume).
+    one tensor at a time, straight into the parameter's memory when it is a plain fp32 CPU tensor.
     """
     params = canonical_params(module)
     kept = [k for k, _ in params if not source.has(k) and k.startswith(VALUE_HEAD_PREFIX)]
@@ -105,7 +103,7 @@ def load_from_source(module: nn.Module, source, cfg: Config, ps, where: str,
         if saved_full[skip:] != tuple(want_full[key])[skip:]:
             raise CheckpointError(f"{where}: tensor '{key}' has shape {saved_full} in the checkpoint (tensor=1) but "
                                   f"{tuple(want_full[key])} in the model")
-        if direct is not None and on_param is None and not is_zero3(p) and p.device.type == "cpu" \
+        if direct is not None and not is_zero3(p) and p.device.type == "cpu" \
                 and p.dtype == torch.float32 and p.is_contiguous():
             with torch.no_grad():  # straight from the file into the parameter's memory: no copy of the shard
                 direct(key, cfg, ps.tp_size, ps.tp_rank, p.data)
@@ -115,8 +113,6 @@ def load_from_source(module: nn.Module, source, cfg: Config, ps, where: str,
             raise CheckpointError(f"{where}: tensor '{key}' has shape {tuple(value.shape)} in the checkpoint (re-sharded "
                                   f"to tensor={ps.tp_size}) but {param_shape(p)} in the model")
         set_param(p, value)
-        if on_param is not None:
-            on_param(key, p, value)
         del value
     return kept
 

@@ -53,10 +53,7 @@ def _pread_into(fd: int, view: memoryview, offset: int, path: str) -> None:
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of `t` (CPU, contiguous), without a copy."""
-    flat = t.detach().reshape(-1)
-    if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
 class TensorFile:
@@ -208,21 +205,16 @@ class TensorFile:
             with torch.no_grad():
                 out.copy_(self._sd[name].narrow(dim, start, stop - start))
         elif out.numel():
-            if out.dim() == 0 or out.is_contiguous():
-                rows = [(_as_bytes(out), begin + start * _numel(shape[1:]) * dtype.itemsize)] if dim == 0 else None
-            else:
-                rows = None
-            if rows is None:  # one contiguous run per row of `out` (dim 1, or a column block of a larger tensor)
+            item, row_elems = dtype.itemsize, _numel(shape[1:])
+            if dim == 0 and out.is_contiguous():
+                _pread_into(self._fd, _as_bytes(out), begin + start * row_elems * item, self.path)
+            else:  # one contiguous run per row of `out` (columns, or rows into a column block of a larger tensor)
                 if out.dim() != 2 or out.stride(1) != 1:
                     raise TensorFileError(f"{self.path}: '{name}' destination rows must be contiguous")
-                raw = out.view(torch.uint8).numpy() if dtype != torch.bool else out.numpy().view("u1")
-                item, cols = dtype.itemsize, shape[-1] if dim == 1 else 0
-                rows = []
+                raw = out.view(torch.uint8).numpy()
                 for r in range(out.shape[0]):
-                    off = begin + ((r * cols + start) * item if dim == 1 else ((start + r) * _numel(shape[1:])) * item)
-                    rows.append((memoryview(raw[r]).cast("B"), off))
-            for view, off in rows:
-                _pread_into(self._fd, view, off, self.path)
+                    first = r * shape[1] + start if dim == 1 else (start + r) * row_elems
+                    _pread_into(self._fd, memoryview(raw[r]), begin + first * item, self.path)
         self.bytes_read += out.numel() * dtype.itemsize
         self.tensors_read += 1
 

@@ -100,9 +100,7 @@ def locate(split: Split, start: int, stop: int) -> List[Piece]:
     for block in split.blocks:
         per = _per_rank(block, split.tp)
         end_block = off + block
-        while g < stop and g < end_block:
-            if g < off:
-                raise ValueError(f"locate: range [{start}, {stop}) does not start inside a block")
+        while g < stop and g < end_block:  # g >= off: blocks are visited in order from 0
             s = (g - off) // per
             end = min(stop, off + (s + 1) * per)
             local = local_base + (g - off - s * per)

@@ -377,3 +377,38 @@ def test_deferred_build_loads_the_same_model_and_seeds_a_fresh_value_head(tmp_pa
     assert torch.equal(model.value_head.weight, seeded.value_head.weight)
     assert torch.equal(model.value_head.bias, seeded.value_head.bias)
     assert torch.equal(model.blocks[1].mlp.fc2.weight, trained.blocks[1].mlp.fc2.weight)
+
+
+@pytest.mark.parametrize("case", ["llama_gqa", "gpt_neox", "llama3_rope_tied"])
+def test_hf_safetensors_read_slice_by_slice(tmp_path, case):
+    """interop's HFSource serves a tensor rank its shard straight from the HF safetensors file (the streaming
+    importer's source; `load_from_source` loads a model from it directly): equal to converting the whole state
+    dict (`hf_to_canonical`) and splitting it, and a rank reads only its rows/columns."""
+    import copy
+
+    from megatron.checkpoint.module_io import load_from_source
+    from megatron.interop.convert import _resolve, hf_to_megatron
+    from megatron.interop.hf_config import architecture_of
+    from megatron.interop.hf_files import load_hf_state_dict
+    from megatron.interop.hf_mapping import hf_to_canonical
+    from megatron.interop.hf_stream import HFSource
+    from tests.integration.test_hf_logits import make_hf
+
+    hf_dir = str(tmp_path / "hf")
+    make_hf(case, hf_dir, seed=2)
+    cfg1 = wio.read_config(hf_to_megatron(hf_dir, str(tmp_path / "ck")))
+    family, _ = architecture_of(json.load(open(os.path.join(hf_dir, "config.json"))))
+    cfg2 = _resolve(copy.deepcopy(cfg1), 2, 1)
+    want = wio.split_tp(hf_to_canonical(load_hf_state_dict(hf_dir), cfg1, family), cfg2, 2)
+    h, vt = cfg1.model.hidden_size, pad_vocab(cfg1.model.vocab_size, 2) // 2
+    for r in range(2):
+        with HFSource(hf_dir, cfg2, family) as src:
+            shapes = wio.canonical_shapes(cfg2, 2)
+            for k in want[r]:
+                assert torch.equal(src.read_shard(k, cfg2, 2, r), want[r][k]), (case, r, k)
+            zero_rows = max(0, (r + 1) * vt - max(r * vt, cfg1.model.vocab_size))
+            vocab_keys = [k for k in want[r] if k in wio.VOCAB_KEYS]
+            assert src.bytes_read == sum(_nbytes(shapes[k]) for k in want[r]) - len(vocab_keys) * zero_rows * h * 4
+            model = GPTModel(cfg2, _tp_state(r, 2))
+            load_from_source(model, src, cfg2, _tp_state(r, 2), where=hf_dir)
+            assert all(torch.equal(v, want[r][k]) for k, v in model.state_dict().items()), (case, r)
