@@ -50,7 +50,11 @@ if REPO not in sys.path:
 
 OURS = ("ours-packed-live", "ours-unpacked-live", "ours-packed-precomputed", "ours-unpacked-precomputed")
 TRL = ("trl-live", "trl-precomputed")
+# opt-in: our step with the plain-torch twins (model.kernels=eager, masked sdpa attention), i.e. before the
+# kernel registry, for a before/after comparison in the same interleaved rounds
+OURS_EAGER = ("ours-eager-packed-live", "ours-eager-unpacked-live")
 VARIANTS = OURS + TRL
+KNOWN = VARIANTS + OURS_EAGER
 PAD_ID, EOS_ID, UNK_ID, FIRST_WORD_ID = 0, 1, 2, 3  # synthetic vocabulary: <pad>, </s>, <unk>, then t3 ...
 
 
@@ -124,15 +128,17 @@ def to_examples(pairs: Sequence[Dict[str, List[int]]], ref_logps: Optional[Seque
     return out
 
 
-def model_config(args, pack: bool, reference: str):
-    """Our validated Config for the benchmark shape (fp32, ZeRO 0, 1 process, one micro-batch per step)."""
+def model_config(args, pack: bool, reference: str, eager: bool = False):
+    """Our validated Config for the benchmark shape (fp32, ZeRO 0, 1 process, one micro-batch per step);
+    `eager`: the plain-torch twins (model.kernels=eager, model.attention=sdpa) instead of --kernels."""
     from megatron.engines.run_config import load_run_config
 
     sets = [
         "model.arch=llama", f"model.hidden_size={args.hidden_size}", f"model.num_layers={args.num_layers}",
         f"model.num_attention_heads={args.num_heads}", f"model.num_kv_heads={args.num_kv_heads or args.num_heads}",
         f"model.vocab_size={args.vocab_size}", f"model.max_seq_len={args.max_seq_len}", "model.norm=rmsnorm",
-        "model.activation=swiglu", f"model.attention={args.attention}", f"model.kernels={args.kernels}",
+        "model.activation=swiglu", f"model.attention={'sdpa' if eager else args.attention}",
+        f"model.kernels={'eager' if eager else args.kernels}",
         "model.dropout=0.0",
         "parallel.zero_stage=0", "parallel.tensor=1", "parallel.pipeline=1",
         f"train.micro_batch_size={args.batch_pairs}", f"train.global_batch_size={args.batch_pairs}",
@@ -197,7 +203,8 @@ def run_ours(variant: str, args, rss_base: float) -> Dict[str, Any]:
 
     pack = "-packed-" in variant
     reference = "live" if variant.endswith("-live") else "precomputed"
-    cfg = model_config(args, pack, reference)
+    eager = variant in OURS_EAGER
+    cfg = model_config(args, pack, reference, eager)
     init_distributed(cfg.parallel.backend)
     ps = initialize_parallel(1, 1)
     device = device_for_rank()
@@ -208,7 +215,7 @@ def run_ours(variant: str, args, rss_base: float) -> Dict[str, Any]:
     ref_logps = None
     if reference == "precomputed":
         # The reference log-probs a precompute pass would store: the initial policy, no graph, any layout.
-        ref = build_reference(model_config(args, pack, "live"), ps, model, device, deepspeed)
+        ref = build_reference(model_config(args, pack, "live", eager), ps, model, device, deepspeed)
         values = []
         with torch.no_grad():
             for s in range(n_steps):
@@ -445,6 +452,8 @@ def ratios(results: Sequence[Dict[str, Any]]) -> List[Tuple[str, str, float, flo
     by = {r["variant"]: r for r in results if "pairs_per_s" in r}
     out = []
     for ours, theirs in (("ours-packed-live", "trl-live"), ("ours-unpacked-live", "trl-live"),
+                         ("ours-eager-packed-live", "trl-live"), ("ours-packed-live", "ours-eager-packed-live"),
+                         ("ours-unpacked-live", "ours-eager-unpacked-live"),
                          ("ours-packed-precomputed", "trl-precomputed"),
                          ("ours-unpacked-precomputed", "trl-precomputed"),
                          ("ours-packed-precomputed", "trl-live")):
@@ -458,7 +467,7 @@ def ratios(results: Sequence[Dict[str, Any]]) -> List[Tuple[str, str, float, flo
 
 def parse_args(argv: Optional[Sequence[str]] = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(KNOWN)}")
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--num-heads", type=int, default=4)
@@ -504,9 +513,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             json.dump(res, f)
         return 0
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in VARIANTS]
+    bad = [v for v in variants if v not in KNOWN]
     if bad:
-        raise SystemExit(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
+        raise SystemExit(f"unknown variant(s) {bad}; choose from {', '.join(KNOWN)}")
     ok, why = trl_available()
     import torch
     print(f"# DPO benchmark: model.kernels={args.kernels}, model.attention={args.attention}, "
@@ -537,7 +546,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_table(results))
     rs = ratios(results)
     if rs:
-        print(f"\n{'ours / TRL (speed: higher is better; memory: lower)':<53}{'pairs/s':>8}{'cpu':>7}{'min':>7}"
+        print(f"\n{'A / B (speed: higher is better; memory: lower)':<53}{'pairs/s':>8}{'cpu':>7}{'min':>7}"
               f"{'peak':>7}{'+MB':>7}")
         for a, b, pr, cr, br, mr, dr in rs:
             print(f"  {a + ' / ' + b:<51}{pr:>7.2f}x{cr:>6.2f}x{br:>6.2f}x{mr:>6.2f}x{dr:>6.2f}x")
