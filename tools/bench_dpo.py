@@ -5,13 +5,16 @@ installed, TRL's DPOTrainer on the same model weights, the same pairs and the sa
     python tools/bench_dpo.py                       # default shape, every variant, a table and the ratios
     python tools/bench_dpo.py --variants ours-packed-live,trl-live --steps 8 --json out.json
     python tools/bench_dpo.py --vocab-size 8000 --hidden-size 256 --num-layers 4
+    python tools/bench_dpo.py --variants ours-packed-live,ours-eager-packed-live   # kernels vs their eager twins
 
 Every variant runs in its own subprocess (`--worker VARIANT`), so each one's peak memory is its own. A variant
 trains `--warmup` + `--steps` optimizer steps (forward + backward + optimizer), one micro-batch of `--batch-pairs`
 pairs per step; the warm-up steps are not timed and the median of the timed steps is reported.
 
 Ours runs the trainer's own step (`megatron.training.trainer._step_micro_batches`): a DeepSpeed engine at ZeRO 0
-on one process around `GPTModel`, `forward_stats` (vocab-parallel log-probs, `sequence_stats`), the frozen
+on one process around `GPTModel` (`model.kernels` from `--kernels`, default auto; the opt-in `ours-eager-*`
+variants use the plain-torch twins, model.kernels=eager and model.attention=sdpa, i.e. the step before the
+kernel registry), `forward_stats` (vocab-parallel log-probs, `sequence_stats`), the frozen
 reference of `build_reference` (live) or the collator's `ref_logps` (precomputed, computed by the same reference
 forward before the timed loop), the registered `dpo` objective, `engine.backward` and `engine.step`.
 TRL (optional dependency, `pip install trl`; without it the TRL rows say so and are skipped) runs
