@@ -113,10 +113,11 @@ def pipeline_step(engine, ref_engine, objective, batches: List[Dict[str, torch.T
     value_head = cfg.model.value_head
     queue: deque = deque()
     if ref_engine is not None:
-        ref_engine.module.loss_fn = ReferenceCollector(queue, ps, value_head)
+        ref_engine.module.loss_fn = ReferenceCollector(queue, ps, value_head, vocab_size=cfg.model.vocab_size)
         ref_engine.eval_batch(iter(micro), compute_loss=True, reduce_output=None, bcast_loss=False,
                               num_micro_batches=len(micro))
-    loss_fn = PolicyLoss(objective, ps, value_head, cfg.derived.reference_mode, queue, counts)
+    loss_fn = PolicyLoss(objective, ps, value_head, cfg.derived.reference_mode, queue, counts,
+                         vocab_size=cfg.model.vocab_size)
     engine.module.loss_fn = loss_fn
     if train:
         engine.train_batch(iter(micro))
