@@ -9,6 +9,9 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron.mpu import ParallelState
 
+from .kernels.registry import resolve_kernels
+from .layer_utils import sequence_parallel_group
+from .unpad import PADDING_FREE_ATTENTION, unpad_plan
 from .stages import (BlockStage, EmbeddingStage, FinalNormStage, Hidden, LMHeadStage, ValueHeadStage,
                      tied_lm_head_forward)
 
@@ -51,6 +54,9 @@ class GPTModel(nn.Module):
         super().__init__()
         m, p = cfg.model, cfg.parallel
         self.tie_embeddings = m.tie_embeddings and not m.value_head
+        # a segment-restricted attention backend lets the blocks skip padding (megatron/model/unpad.py)
+        self.padding_free = (resolve_kernels(cfg).attention in PADDING_FREE_ATTENTION
+                             and sequence_parallel_group(cfg, ps) is None)
         self.checkpoint_chunk = p.checkpoint_num_layers if p.activation_checkpointing else 0
 
         def seeded(index: int):
@@ -107,6 +113,10 @@ class GPTModel(nn.Module):
         """
         if cache is not None:
             return self._forward_cached(input_ids, position_ids, logit_index, cache)
+        unpad = unpad_plan(segment_ids) if self.padding_free else None  # blocks on the real tokens only
+        if unpad is not None:
+            layout = (position_ids, segment_ids)
+            input_ids, position_ids, segment_ids = unpad.compress(input_ids, position_ids, segment_ids)
         x = self.embedding((input_ids, position_ids, segment_ids))
         step = self.checkpoint_chunk if (self.checkpoint_chunk and self.training) else len(self.blocks)
         blocks = list(self.blocks)
@@ -114,6 +124,8 @@ class GPTModel(nn.Module):
             run = _run_blocks(blocks[start:start + step])
             x = activation_checkpoint_func(run, *x) if self.checkpoint_chunk and self.training else run(*x)
         x = self.final_norm(x)
+        if unpad is not None:  # back to [B, S, H], zeros at padding
+            x = (unpad.restore(x[0], None), *layout)
         if labels is not None:
             return self.head_logprobs(x, labels, logit_index, with_entropy)
         if logit_index is None:

@@ -180,3 +180,29 @@ def test_segment_attention_runs_and_odd_segments():
     for u, w in zip(a[0] + a[1], b[0] + b[1]):
         assert (u - w).abs().max() < TOL
     assert not b[0][0][seg == 0].any()
+
+
+def test_unpadded_blocks_see_only_real_tokens():
+    """With a segment-restricted attention the blocks run on [1, T] real tokens, segments renumbered across
+    rows (two rows' first sequences must not merge); outputs at real positions are those of the padded run,
+    value head included."""
+    from megatron.model.unpad import unpad_plan
+    seg = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 2, 0]])
+    plan = unpad_plan(seg)
+    ids, pos, s = plan.compress(seg * 7, torch.tensor([[0, 1, 0], [0, 1, 2], [0, 0, 0]]), seg)
+    assert s.tolist() == [[1, 1, 2, 2, 2, 3, 4]] and pos.tolist() == [[0, 1, 0, 1, 2, 0, 0]] and ids.shape == (1, 7)
+    h = torch.arange(7.0).view(1, 7, 1)
+    assert plan.restore(h, None).view(3, 3).tolist() == [[0, 1, 0], [2, 3, 4], [5, 6, 0]]
+    assert unpad_plan(torch.ones(2, 4, dtype=torch.long)) is None  # nothing to drop
+    ids, pos, seg = unpacked_batch()
+    seen = []
+    for extra in ([], ["model.value_head=true", "objective.name=rm"]):
+        outs = []
+        for kernels in ("eager", "fused"):
+            model = build_model(build_cfg("llama", f"model.kernels={kernels}", "model.attention=auto", *extra))
+            hook = model.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0][0].shape))
+            with torch.no_grad():
+                outs.append(model(ids, pos, seg))
+            hook.remove()
+        assert (outs[0] - outs[1])[seg != 0].abs().max() < TOL, extra
+    assert seen[0] == (3, 16, 64) and seen[1] == (1, int((seg != 0).sum()), 64)
