@@ -169,7 +169,6 @@ class ObjectiveConfig:
     rollout_kl_coef: Optional[float] = None  # mdloo: KL(policy || rollout policy) weight (mirror step); None = 0.1
 
 
-
 @dataclass
 class ReferenceConfig:
     mode: str = "auto"  # auto (live when needed, else none) | live | precomputed | none
