@@ -12,10 +12,9 @@ Ops and their implementations (every fast path has the plain-torch `eager` twin 
                chunks with a custom backward, megatron.mpu.fused_logprobs)
 
 `model.kernels` picks a preset for all ops: `eager` (the twins), `fused` (every fast path that needs no
-compiler) or `auto` (the fastest measured on CPU, docs/benchmarks.md): `fused`, except the head, which is fused
-only from AUTO_FUSED_HEAD_MIN_VOCAB vocabulary columns per rank (below that the logits are small and the fused
-head's recomputed GEMM costs more than it saves). `compiled` is opt-in: on CPU its compile time outweighs
-what it saves in a short run.
+compiler) or `auto` (the fastest measured on this CPU, docs/benchmarks.md; today the same as `fused`: the fused
+head is as fast as the plain one at vocab 512 and faster from 4096, with memory bounded by its chunk).
+`compiled` is opt-in: its compile time outweighs what it saves in a short CPU run.
 `model.kernel_ops.<op>` overrides one op (`auto` = follow the preset); `model.attention` overrides attention.
 GPU-only extras (Liger, apex, fused CUDA norms) are not included: nothing here imports a CUDA-only package.
 """
@@ -36,10 +35,7 @@ _PRESETS: Dict[str, Dict[str, str]] = {
     "eager": {"norm": "eager", "rotary": "eager", "mlp": "eager", "attention": "eager", "head": "eager"},
     "fused": {"norm": "fused", "rotary": "fused", "mlp": "fused", "attention": "auto", "head": "fused"},
 }
-_PRESETS["auto"] = dict(_PRESETS["fused"])  # measured fastest on CPU (docs/benchmarks.md), head: see below
-# `auto` fuses the head from this many vocabulary columns per TP rank (CPU, hidden 256: eager faster at 512
-# and 4096 columns, even at 8192, fused faster at 32000; docs/benchmarks.md)
-AUTO_FUSED_HEAD_MIN_VOCAB = 8192
+_PRESETS["auto"] = dict(_PRESETS["fused"])  # measured fastest on CPU (docs/benchmarks.md)
 
 
 @dataclass(frozen=True)
@@ -62,9 +58,6 @@ def resolve_kernels(cfg) -> KernelPlan:
     if preset not in KERNEL_PRESETS:
         raise ValueError(f"model.kernels={preset!r} is not one of {', '.join(KERNEL_PRESETS)}")
     plan = dict(_PRESETS[preset])
-    if preset == "auto":
-        per_rank = cfg.derived.padded_vocab_size // max(cfg.parallel.tensor, 1)
-        plan["head"] = "fused" if per_rank >= AUTO_FUSED_HEAD_MIN_VOCAB else "eager"
     for op, value in asdict(model_cfg.kernel_ops).items():
         if value == "auto":
             continue
@@ -91,7 +84,5 @@ def describe_kernels(cfg) -> str:
             note = "layernorm: torch's native kernel"
         if op == "mlp" and model_cfg.activation == "gelu" and value == "fused":
             note = "gelu: torch's native kernel"
-        if op == "head" and model_cfg.kernels == "auto" and model_cfg.kernel_ops.head == "auto":
-            note = f"auto: fused from {AUTO_FUSED_HEAD_MIN_VOCAB} vocabulary columns per rank"
         parts.append(f"{op}={value}" + (f" ({note})" if note else ""))
     return f"kernels (model.kernels={model_cfg.kernels}): " + " ".join(parts)
