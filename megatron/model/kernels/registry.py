@@ -69,7 +69,9 @@ def resolve_kernels(cfg) -> KernelPlan:
     return KernelPlan(**plan)
 
 
-_ATTENTION_NOTE = {"auto": "auto: flash-attn where usable (CUDA fp16/bf16, installed), else segments"}
+_ATTENTION_NOTE = {"auto": "auto: flash-attn where usable (CUDA fp16/bf16, installed), else segments; "
+                           "blocks skip padding",
+                   "segments": "blocks skip padding", "flash": "blocks skip padding"}
 
 
 def describe_kernels(cfg) -> str:
