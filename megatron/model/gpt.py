@@ -55,8 +55,11 @@ class GPTModel(nn.Module):
         m, p = cfg.model, cfg.parallel
         self.tie_embeddings = m.tie_embeddings and not m.value_head
         # a segment-restricted attention backend lets the blocks skip padding (megatron/model/unpad.py)
+        # Not with dropout: its masks follow the activation's shape, so dropping padding would change which
+        # elements are dropped, and runs of one model with and without sequence parallelism (which keeps the
+        # padded layout) would then differ.
         self.padding_free = (resolve_kernels(cfg).attention in PADDING_FREE_ATTENTION
-                             and sequence_parallel_group(cfg, ps) is None)
+                             and sequence_parallel_group(cfg, ps) is None and not m.dropout)
         self.checkpoint_chunk = p.checkpoint_num_layers if p.activation_checkpointing else 0
 
         def seeded(index: int):
