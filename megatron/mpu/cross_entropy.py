@@ -103,7 +103,8 @@ def concat_stats(parts, device, dtype: torch.dtype = torch.float32) -> LocalStat
     return LocalStats(*(torch.cat(col) for col in zip(*parts)))
 
 
-def combine_stats(st: LocalStats, in_range: torch.Tensor, group: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def combine_stats(st: LocalStats, in_range: torch.Tensor,
+                  group: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global (over the TP group) statistics from every rank's `LocalStats` of the same tokens.
 
     With M = max_r m_r and d_r = m_r - M: S = sum_r s_r e^d_r, W = sum_r e^d_r (w_r + d_r s_r), T = t + d (owner

@@ -35,7 +35,8 @@ def test_compiled_equals_eager_and_does_not_recompile_for_a_new_width(preset):
     assert compiled > 0
     # other layouts and widths (3 rows of 12, then 3 rows of 14): the token dims are marked dynamic before the
     # first compile, so no new graph (a single-row batch would compile once more: torch specialises size 1)
-    eager_cfg, compiled_cfg = build_cfg(preset, "model.kernels=eager"), build_cfg(preset, "model.kernels=eager", *COMPILED)
+    eager_cfg = build_cfg(preset, "model.kernels=eager")
+    compiled_cfg = build_cfg(preset, "model.kernels=eager", *COMPILED)
     for width in (12, 14):
         ids2, pos2, seg2 = (t[:, :width].contiguous() for t in unpacked_batch())
         w2 = torch.randn(ids2.shape, generator=torch.Generator().manual_seed(width))

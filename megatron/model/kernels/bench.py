@@ -2,7 +2,8 @@
 
     python -m megatron.model.kernels.bench ops
         forward + backward of each fast path and its twin at the DPO benchmark's shapes
-    python -m megatron.model.kernels.bench step --variant fused="" --variant eager="model.kernels=eager model.attention=sdpa"
+    python -m megatron.model.kernels.bench step --variant fused="" \
+        --variant eager="model.kernels=eager model.attention=sdpa"
         policy forward + backward and reference forward of the DPO benchmark model (hidden 256, 4 layers,
         8 pairs per micro-batch, prompts 32-96 / responses 32-160 tokens) under each variant's --set overrides,
         steps interleaved across variants; prints the first step (compilation shows there) and the median
@@ -86,8 +87,8 @@ def op_table() -> List[str]:
     seg = packed_segments(B, S, 64, 256)
     v = torch.randn(B, S, nh, hd, generator=g, requires_grad=True)
     go = torch.randn(B, S, nh, hd, generator=g)
-    res = {name: cpu_ms(_fwd_bwd(lambda a, b, d: fn(a, b, d, seg), [q, k, v], [go]), 9)
-           for name, fn in (("eager", eager_attention), ("sdpa (mask)", sdpa_attention), ("segments", segment_attention))}
+    backends = (("eager", eager_attention), ("sdpa (mask)", sdpa_attention), ("segments", segment_attention))
+    res = {name: cpu_ms(_fwd_bwd(lambda a, b, d: fn(a, b, d, seg), [q, k, v], [go]), 9) for name, fn in backends}
     lines.append("attention, packed rows [6, 484], 4 heads x 64, segments of 64-256: "
                  + ", ".join(f"{name} {ms:.1f} ms" for name, ms in res.items()))
     return lines
