@@ -33,6 +33,8 @@ from megatron.mpu.distributed import init_distributed
 from megatron.objectives import build_objective, get_objective_class, resolve_objective
 from megatron.rewards import build_reward_set
 
+from megatron.model.kernels import describe_kernels
+
 from .metrics import MetricsLogger
 from .online_metrics import dp_reduce
 from .online_step import (LogpCheck, OnlineModels, generate_rollouts, prepare_experience, score_rollouts, timed,
@@ -120,6 +122,7 @@ def run_online(cfg: Config, hooks: Optional[Hooks] = None) -> TrainResult:
     sampler = PromptSampler(prompts, cfg.rollout.prompts_per_step, ps.dp_rank, ps.dp_size, cfg.train.seed,
                             shuffle=cfg.data.shuffle)
     logger = MetricsLogger(cfg, enabled=ps.rank == 0, start_step=state.step)
+    logger.message(describe_kernels(cfg))  # which kernel path each op took (model.kernels)
     if models.critic is not None and state.step == 0:
         logger.message(f"critic starts from {critic_start(cfg, init_from)[1]}")
     stop = _StopFlag() if cfg.checkpoint.save_on_sigterm else None

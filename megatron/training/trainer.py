@@ -28,6 +28,8 @@ from megatron.engines.schedules import lambda_lr_factory
 from megatron.mpu.distributed import init_distributed
 
 from .memory_report import memory_report, report_measured_memory, start_memory_measurement, write_memory_report
+from megatron.model.kernels import describe_kernels
+
 from .metrics import MetricsLogger
 from .summary import print_run_summary
 
@@ -208,6 +210,7 @@ def run_training(cfg: Config, hooks: Optional[Hooks] = None) -> TrainResult:
         valid_batches = [next(valid_iter) for _ in range(cfg.train.eval_iters)]
     objective = build_objective(cfg, ps)
     logger = MetricsLogger(cfg, enabled=ps.rank == 0, start_step=state.step)
+    logger.message(describe_kernels(cfg))  # which kernel path each op took (model.kernels)
     for text in data_warnings(cfg, objective_cls, train_iter.dataset):
         logger.message(f"warning: {text}")
     stop = _StopFlag() if cfg.checkpoint.save_on_sigterm else None
