@@ -54,7 +54,9 @@ def reference_source(cfg: Config, init_from: Optional[str]) -> Dict[str, str]:
     """What decides the reference values besides the data: the weights (reference.load, else the run's
     initial weights `init_from`, else the seeded init), train.precision and the model section (sha256)."""
     weights = cfg.reference.load or init_from
-    model = {k: v for k, v in config_to_dict(cfg)["model"].items() if k not in ("attention", "dropout")}
+    # Kernel and attention paths equal their plain-torch twins (tested), so they do not change the values.
+    execution_only = ("attention", "dropout", "kernels", "kernel_ops")
+    model = {k: v for k, v in config_to_dict(cfg)["model"].items() if k not in execution_only}
     return {
         "weights": os.path.realpath(weights) if weights else f"seeded init (train.seed={cfg.train.seed})",
         "precision": cfg.train.precision,
